@@ -1,0 +1,44 @@
+"""User-facing errors and the process exit codes they map to.
+
+Every failure a user can cause or meet ends the process with one line that
+names the problem and the fix, and with one of the exit codes below. Aborts
+of the training contract have their own codes in :mod:`albor.contract`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes of every albor command (documented in README)."""
+
+    OK = 0
+    INTERNAL_ERROR = 1  # an unexpected exception: a bug in albor, please report it
+    USAGE = 2  # bad flag, bad config value, contradictory DeepSpeed config
+    DATA = 3  # dataset or tokenizer missing, malformed or too small
+    TARGET_NOT_MET = 4  # the run ended cleanly but final val_loss > target_val_loss (gate 003)
+    CHECKPOINT_FAILED = 5  # an epoch checkpoint could not be written; the run stopped
+    DIVERGENCE = 10  # gate 005: val_loss more than doubled between epochs
+    DIVERGENCE_AT_EPOCH_ZERO = 11  # gate 005: epoch-0 val_loss non-finite or above the regime cap
+    NUMERICAL_INSTABILITY = 12  # gate 007: NaN/Inf loss, grad norm, lr, val loss, or a skipped step
+    THROUGHPUT_OUT_OF_RANGE = 13  # gate 008: tokens/s, GPU util or wall time out of range
+    RANK_FAILURE = 14  # an exception on some rank, or a lost peer
+
+
+class AlborError(Exception):
+    """An error the user can fix; carries its exit code."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL_ERROR
+
+
+class ConfigError(AlborError):
+    """Invalid run configuration or command line."""
+
+    exit_code = ExitCode.USAGE
+
+
+class DataError(AlborError):
+    """Dataset or tokenizer that cannot be used as given."""
+
+    exit_code = ExitCode.DATA
