@@ -1,0 +1,201 @@
+"""The run configuration: typed, layered (defaults < mode < YAML < flags), validated.
+
+Everything a user can get wrong here is reported together, in one message,
+before anything expensive is built (no model, no process group, no files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from albor.contract import Regime
+from albor.errors import ConfigError
+
+#: Gate 009: a mode sets lr, warmup, target and regime together.
+MODE_PRESETS: dict[str, dict[str, Any]] = {
+    "finetune": {"lr_max": 5e-5, "warmup_steps": 100, "target_val_loss": 2.2, "regime": Regime.FINETUNE},
+    "from-scratch": {"lr_max": 3e-4, "warmup_steps": 1000, "target_val_loss": 3.0, "regime": Regime.FROM_SCRATCH},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Every knob of a pretraining run; defaults are the contract's finetune recipe."""
+
+    dataset: Path | None = None  # token index (or its dir), or a raw corpus
+    tokenizer: Path | None = None  # dir with vocab.json + merges.txt; needed for a raw corpus
+    output_dir: Path = Path("runs/albor")
+    model: str = "albor-370m"  # a preset of albor.model
+    ds_config: Path | None = None  # DeepSpeed JSON; None picks one by device
+    lr_max: float = 5e-5
+    lr_min: float = 1e-6
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    batch_size: int = 16  # micro-batch per rank
+    seq_length: int = 1024
+    steps_per_epoch: int = 100
+    val_batches: int = 20  # validation micro-batches per rank per epoch
+    seed: int = 42
+    grad_clip: float = 1.0
+    weight_decay: float = 0.01
+    target_val_loss: float = 2.2
+    patience_epochs: int = 2
+    min_epochs_before_early_stop: int = 3
+    regime: Regime = Regime.FINETUNE
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe values, in field order."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, Regime):
+                value = value.value
+            out[f.name] = value
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PretrainConfig))
+
+
+def _problems(c: PretrainConfig) -> list[str]:
+    p: list[str] = []
+
+    def positive(name: str) -> None:
+        value = getattr(c, name)
+        if not (value > 0 and math.isfinite(value)):
+            p.append(f"{name} must be > 0 (got {value})")
+
+    def non_negative(name: str) -> None:
+        value = getattr(c, name)
+        if not (value >= 0 and math.isfinite(value)):
+            p.append(f"{name} must be >= 0 (got {value})")
+
+    for name in ("lr_max", "total_steps", "batch_size", "seq_length", "val_batches", "grad_clip", "target_val_loss"):
+        positive(name)
+    for name in ("lr_min", "warmup_steps", "seed", "weight_decay", "patience_epochs", "min_epochs_before_early_stop"):
+        non_negative(name)
+    if c.steps_per_epoch <= 0:
+        p.append(f"steps_per_epoch must be >= 1 (got {c.steps_per_epoch})")
+    if c.warmup_steps > c.total_steps:
+        p.append(f"warmup_steps ({c.warmup_steps}) > total_steps ({c.total_steps}): lower --warmup-steps or raise --total-steps")
+    if c.lr_min > c.lr_max:
+        p.append(f"lr_min ({c.lr_min}) > lr_max ({c.lr_max}): lr_min must not exceed lr_max")
+    if c.dataset is None:
+        p.append("dataset is required: pass --dataset (a token index, its directory, or a raw corpus)")
+    elif not c.dataset.exists():
+        p.append(f"dataset {c.dataset} does not exist: check --dataset, or run 'albor prepare-data' first")
+    if c.tokenizer is not None and not c.tokenizer.is_dir():
+        p.append(f"tokenizer {c.tokenizer} is not a directory: pass the directory holding vocab.json and merges.txt")
+    if c.ds_config is not None and not c.ds_config.is_file():
+        p.append(f"ds_config {c.ds_config} is not a file: pass a DeepSpeed JSON config, or omit --ds-config")
+    if c.output_dir.exists() and (c.output_dir / "metrics.jsonl").exists():
+        p.append(f"output_dir {c.output_dir} already holds a run: choose a new --output-dir or remove the old one")
+    from albor.model.config import PRESETS  # a plain dataclass table: cheap, no torch
+
+    if c.model not in PRESETS:
+        p.append(f"model {c.model!r} is not a known preset: choose one of {', '.join(sorted(PRESETS))}")
+    return p
+
+
+def _coerce(name: str, raw: Any, problems: list[str]) -> Any:
+    """Turn a YAML or flag value into the field's type, or note why not."""
+    hint = typing.get_type_hints(PretrainConfig)[name]
+    if isinstance(hint, types.UnionType):  # X | None
+        if raw is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if hint is Regime:
+            return Regime(raw)
+        if hint is bool or isinstance(raw, bool):
+            raise TypeError
+        if hint is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise TypeError
+            return int(raw)
+        if hint is float:
+            return float(raw)  # PyYAML reads '3e-4' as a string: accept it
+        if hint is Path:
+            return Path(str(raw))
+        return hint(raw)
+    except (TypeError, ValueError):
+        allowed = ", ".join(r.value for r in Regime) if hint is Regime else hint.__name__
+        problems.append(f"{name}: {raw!r} is not a valid {allowed}")
+        return dataclasses.MISSING
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Load a YAML config file as a mapping (unchecked keys)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}: check --config") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config {path} is not valid YAML{where}: fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of field: value, not a {type(data).__name__}")
+    return data
+
+
+def resolve_config(
+    *, mode: str | None = None, file_values: Mapping[str, Any] | None = None, flags: Mapping[str, Any] | None = None
+) -> PretrainConfig:
+    """Build the config from the layers: defaults < ``mode`` < file < flags.
+
+    ``file_values`` may carry a ``mode`` key of its own; a ``mode`` argument wins.
+    All problems are collected and raised together as one ConfigError.
+    """
+    file_values = dict(file_values or {})
+    problems: list[str] = []
+    mode = mode if mode is not None else file_values.pop("mode", None)
+    file_values.pop("mode", None)
+    unknown = sorted(set(file_values) - set(FIELD_NAMES))
+    if unknown:
+        problems.append(f"unknown config key(s) {', '.join(unknown)}: valid keys are {', '.join(FIELD_NAMES)}, mode")
+    values: dict[str, Any] = {}
+    if mode is not None:
+        if mode not in MODE_PRESETS:
+            problems.append(f"unknown mode {mode!r}: choose one of {', '.join(MODE_PRESETS)}")
+        else:
+            values.update(MODE_PRESETS[mode])
+    for layer in (file_values, flags or {}):
+        for name, raw in layer.items():
+            if name in FIELD_NAMES and raw is not None:
+                value = _coerce(name, raw, problems)
+                if value is not dataclasses.MISSING:
+                    values[name] = value
+    if problems:
+        try:  # also report what the well-formed values get wrong, all in one message
+            PretrainConfig(**values)
+        except ConfigError as e:
+            problems.append(str(e).removeprefix("invalid configuration: "))
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return PretrainConfig(**values)

@@ -1,0 +1,155 @@
+"""The pretrain command line: --dry-run, mode presets, and every invalid-config case."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from albor.errors import ExitCode
+from albor.pretrain import main
+
+FLAGS = [
+    "--config", "--dataset", "--tokenizer", "--output-dir", "--mode", "--total-steps", "--steps-per-epoch",
+    "--batch-size", "--seq-length", "--seed", "--lr-max", "--lr-min", "--warmup-steps", "--dry-run",
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def resolved(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--dry-run")
+    assert code == 0, err
+    return yaml.safe_load(out)
+
+
+def test_help_lists_the_flags():
+    out = subprocess.run([sys.executable, "-m", "albor.pretrain", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in FLAGS:
+        assert flag in out
+
+
+def test_dry_run_from_scratch_preset(capsys, data, tmp_path):
+    cfg = resolved(capsys, "--mode", "from-scratch", "--dataset", str(data), "--output-dir", str(tmp_path / "run"))
+    assert (cfg["lr_max"], cfg["warmup_steps"], cfg["target_val_loss"], cfg["regime"]) == (3e-4, 1000, 3.0, "from-scratch")
+    assert not (tmp_path / "run").exists()  # a dry run builds nothing
+
+
+def test_dry_run_finetune_preset_and_defaults(capsys, data):
+    cfg = resolved(capsys, "--mode", "finetune", "--dataset", str(data))
+    assert (cfg["lr_max"], cfg["warmup_steps"], cfg["target_val_loss"], cfg["regime"]) == (5e-5, 100, 2.2, "finetune")
+    assert (cfg["lr_min"], cfg["total_steps"], cfg["batch_size"], cfg["seq_length"]) == (1e-6, 1000, 16, 1024)
+    assert (cfg["steps_per_epoch"], cfg["seed"], cfg["grad_clip"], cfg["weight_decay"]) == (100, 42, 1.0, 0.01)
+
+
+def test_explicit_flags_win_over_mode(capsys, data):
+    cfg = resolved(capsys, "--mode", "from-scratch", "--dataset", str(data), "--lr-max", "1e-3", "--warmup-steps", "5")
+    assert (cfg["lr_max"], cfg["warmup_steps"], cfg["regime"]) == (1e-3, 5, "from-scratch")
+
+
+def test_yaml_layer_between_mode_and_flags(capsys, data, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"dataset: {data}\nmode: from-scratch\nlr_max: 2e-4\ntotal_steps: 3000\nseq_length: 256\n")
+    cfg = resolved(capsys, "--config", str(f), "--seq-length", "512")
+    # YAML's '2e-4' is a string to PyYAML; it must still land as a float.
+    assert (cfg["lr_max"], cfg["total_steps"], cfg["seq_length"], cfg["warmup_steps"]) == (2e-4, 3000, 512, 1000)
+
+
+INVALID = [
+    (["--total-steps", "0"], "total_steps must be > 0"),
+    (["--batch-size", "-4"], "batch_size must be > 0"),
+    (["--seq-length", "0"], "seq_length must be > 0"),
+    (["--lr-max", "0"], "lr_max must be > 0"),
+    (["--lr-min=-1e-5"], "lr_min must be >= 0"),
+    (["--steps-per-epoch", "0"], "steps_per_epoch must be >= 1"),
+    (["--warmup-steps", "2000", "--total-steps", "1000"], "warmup_steps (2000) > total_steps (1000)"),
+    (["--lr-min", "1e-3", "--lr-max", "1e-4"], "lr_min (0.001) > lr_max (0.0001)"),
+    (["--mode", "pretrain"], "invalid choice"),
+    (["--total-steps", "ten"], "invalid int value"),
+    (["--model", "gpt-5"], "model 'gpt-5' is not a known preset"),
+]
+
+
+@pytest.mark.parametrize("argv,message", INVALID)
+def test_invalid_config_is_one_clear_line(capsys, data, tmp_path, argv, message):
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "--dataset", str(data), "--output-dir", str(run_dir), *argv)
+    assert code == ExitCode.USAGE
+    assert message in err and err.count("\n") == 1 and err.startswith("albor pretrain: error:")
+    assert out == "" and not run_dir.exists()
+
+
+def test_all_problems_reported_together(capsys, tmp_path):
+    code, _, err = run(capsys, "--total-steps", "0", "--lr-min", "1", "--lr-max", "0.1", "--steps-per-epoch", "0")
+    assert code == ExitCode.USAGE
+    for part in ("total_steps must be > 0", "lr_min (1.0) > lr_max (0.1)", "steps_per_epoch must be >= 1", "dataset is required"):
+        assert part in err
+
+
+def test_unknown_yaml_keys(capsys, data, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"dataset: {data}\nlearning_rate: 1e-3\nbatchsize: 4\n")
+    code, _, err = run(capsys, "--config", str(f))
+    assert code == ExitCode.USAGE and "unknown config key(s) batchsize, learning_rate" in err
+
+
+def test_unknown_mode_in_yaml(capsys, data, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"dataset: {data}\nmode: pretrain\n")
+    code, _, err = run(capsys, "--config", str(f))
+    assert code == ExitCode.USAGE and "unknown mode 'pretrain'" in err
+
+
+@pytest.mark.parametrize("text,message", [("lr_max: [1\n", "not valid YAML at line"), ("- 1\n- 2\n", "must be a mapping"), ("seed: abc\n", "seed: 'abc' is not a valid int")])
+def test_bad_yaml_files(capsys, data, tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    code, _, err = run(capsys, "--config", str(f), "--dataset", str(data))
+    assert code == ExitCode.USAGE and message in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = run(capsys, "--config", str(tmp_path / "nope.yaml"))
+    assert code == ExitCode.USAGE and "cannot read config" in err
+
+
+def test_missing_dataset(capsys, tmp_path):
+    code, _, err = run(capsys, "--dataset", str(tmp_path / "nope"))
+    assert code == ExitCode.USAGE and "does not exist" in err and "prepare-data" in err
+
+
+def test_existing_run_dir_is_not_overwritten(capsys, data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    code, _, err = run(capsys, "--dataset", str(data), "--output-dir", str(run_dir), "--dry-run")
+    assert code == ExitCode.USAGE and "already holds a run" in err
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_subprocess_exit_code_and_single_line(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "albor.pretrain", "--dataset", str(tmp_path), "--warmup-steps", "5000", "--dry-run"],
+        capture_output=True, text=True,
+    )
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().count("\n") == 0 and "warmup_steps (5000) > total_steps (1000)" in p.stderr
+
+
+def test_console_script_dispatch(capsys, data):
+    from albor.cli import main as albor_main
+
+    assert albor_main(["pretrain", "--dataset", str(data), "--dry-run", "--mode", "finetune"]) == 0
+    assert "regime: finetune" in capsys.readouterr().out
+    assert albor_main(["bogus"]) == 2

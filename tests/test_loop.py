@@ -1,0 +1,197 @@
+"""The loop driver with synthetic collaborators (ports of the seed's driver tests)."""
+
+import json
+import math
+
+import pytest
+
+from albor.contract import AbortReason
+from albor.errors import ExitCode
+from albor.loop import PretrainLoop, RunStatus, StepResult
+from albor.run_files import RunFiles
+from fakes import LinearDecay, NanAtStep, RecordingCheckpoint, ScriptedVal, WithSha, loop_config
+
+CONTRACT_FIELDS = {"step", "train_loss", "grad_norm", "lr", "tokens_per_sec", "gpu_util_pct", "wall_ms"}
+META_FIELDS = {"epoch", "train_loss", "val_loss", "train_ppl", "val_ppl", "optimizer_state_sha", "wall_seconds", "tokens_seen", "grad_norm_max"}
+
+
+def make_loop(tmp_path, step_fn=None, val=(3.4, 3.0, 2.6, 2.2, 2.0), ckpt=None, rank=0, **cfg):
+    config = loop_config(tmp_path, **cfg)
+    files = RunFiles(config.output_dir, enabled=rank == 0)
+    loop = PretrainLoop(
+        config, step_fn or LinearDecay(), ScriptedVal(val), ckpt or RecordingCheckpoint(), vocab_size=50257, files=files
+    )
+    return loop, config
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_happy_path_decreasing_loss(tmp_path):
+    loop, cfg = make_loop(tmp_path)
+    result = loop.run()
+    assert result.status is RunStatus.OK and result.exit_code == ExitCode.OK
+    # Target 2.2 reached at epoch 3 with min_epochs 1: no compute is spent past it.
+    assert result.final_val_loss == pytest.approx(2.2) and result.target_met and result.epochs_completed == 4
+    rows = read_jsonl(cfg.output_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(20))
+    for r in rows:  # gate 001
+        assert CONTRACT_FIELDS <= set(r)
+        assert r["tokens_per_sec"] * r["wall_ms"] / 1000.0 == pytest.approx(8)
+    assert len(loop.epoch_metadata) == 4
+    for epoch in range(4):  # gate 002
+        meta = json.loads((cfg.output_dir / "ckpt" / f"epoch-{epoch:03d}.metadata.json").read_text())
+        assert META_FIELDS <= set(meta) and meta["epoch"] == epoch
+        assert len(meta["optimizer_state_sha"]) == 64
+        assert meta["tokens_seen"] == 8 * 5 * (epoch + 1)
+    status = json.loads((cfg.output_dir / "status.json").read_text())
+    assert status["status"] == "ok" and status["exit_code"] == 0 and status["target_met"] is True
+
+
+def test_aborts_on_doubling_val_loss(tmp_path):
+    ckpt = RecordingCheckpoint()
+    loop, cfg = make_loop(tmp_path, val=(3.5, 7.1, 2.0), ckpt=ckpt)
+    result = loop.run()
+    assert result.status is RunStatus.ABORTED and result.abort.reason is AbortReason.DIVERGENCE
+    assert result.abort.epoch == 1 and result.exit_code == ExitCode.DIVERGENCE
+    assert [e for e, _ in ckpt.calls] == [0]  # no checkpoint for the diverged epoch
+    assert not (cfg.output_dir / "ckpt" / "epoch-001.metadata.json").exists()
+    status = json.loads((cfg.output_dir / "status.json").read_text())
+    assert status["reason"] == "divergence" and status["exit_code"] == 10 and status["abort"]["epoch"] == 1
+
+
+def test_aborts_on_nan_at_step_3_before_logging_it(tmp_path):
+    ckpt = RecordingCheckpoint()
+    loop, cfg = make_loop(tmp_path, step_fn=NanAtStep(3), val=(3.0,), ckpt=ckpt)
+    result = loop.run()
+    a = result.abort
+    assert (a.reason, a.step, a.field, a.ranks) == (AbortReason.NUMERICAL_INSTABILITY, 3, "train_loss", (1,))
+    assert result.exit_code == ExitCode.NUMERICAL_INSTABILITY
+    assert [r["step"] for r in read_jsonl(cfg.output_dir / "metrics.jsonl")] == [0, 1, 2]
+    assert ckpt.calls == []  # the seed's "skips checkpoint on abort"
+    status = json.loads((cfg.output_dir / "status.json").read_text())
+    assert status["abort"]["step"] == 3 and status["abort"]["ranks"] == [1] and status["abort"]["value"] == "nan"
+
+
+def test_skipped_step_aborts(tmp_path):
+    class Skips(LinearDecay):
+        def __call__(self, step, lr):
+            r = super().__call__(step, lr)
+            return StepResult(r.train_loss, r.grad_norm, r.tokens, step_applied=step != 2, flagged_ranks=(0,))
+
+    result = make_loop(tmp_path, step_fn=Skips())[0].run()
+    assert result.abort.reason is AbortReason.NUMERICAL_INSTABILITY and result.abort.field == "step_applied"
+    assert result.abort.step == 2
+
+
+def test_rank_error_aborts_with_rank_failure(tmp_path):
+    class Raises(LinearDecay):
+        def __call__(self, step, lr):
+            if step == 4:
+                return StepResult(math.nan, math.nan, 0, rank_error="RuntimeError: boom", flagged_ranks=(1,))
+            return super().__call__(step, lr)
+
+    result = make_loop(tmp_path, step_fn=Raises())[0].run()
+    assert result.exit_code == ExitCode.RANK_FAILURE and result.abort.ranks == (1,) and "boom" in result.abort.message
+
+
+def test_throughput_gate_008(tmp_path):
+    class BadUtil(LinearDecay):
+        def __call__(self, step, lr):
+            r = super().__call__(step, lr)
+            return StepResult(r.train_loss, r.grad_norm, r.tokens, gpu_util_pct=101.0)
+
+    result = make_loop(tmp_path, step_fn=BadUtil())[0].run()
+    assert result.exit_code == ExitCode.THROUGHPUT_OUT_OF_RANGE and result.abort.step == 0
+
+
+def test_same_seed_same_metrics(tmp_path):
+    a, _ = make_loop(tmp_path / "a", target_val_loss=1.0)
+    b, _ = make_loop(tmp_path / "b", target_val_loss=1.0)
+    a.run(), b.run()
+    assert len(a.step_metrics) == len(b.step_metrics) == 25
+    for x, y in zip(a.step_metrics, b.step_metrics):
+        assert (x.step, x.train_loss, x.grad_norm, x.lr) == (y.step, y.train_loss, y.grad_norm, y.lr)
+    assert [m.optimizer_state_sha for m in a.epoch_metadata] == [m.optimizer_state_sha for m in b.epoch_metadata]
+
+
+def test_loop_feeds_the_schedule(tmp_path):
+    step_fn = LinearDecay()
+    loop, _ = make_loop(tmp_path, step_fn=step_fn, target_val_loss=1.0)
+    loop.run()
+    assert step_fn.lrs == [loop.lr_at(s) for s in range(25)]
+    assert step_fn.lrs[0] == 0.0 and step_fn.lrs[2] == pytest.approx(1e-4)
+
+
+def test_checkpoint_called_once_per_passing_epoch(tmp_path):
+    ckpt = RecordingCheckpoint()
+    loop, _ = make_loop(tmp_path, ckpt=ckpt, target_val_loss=1.0)
+    loop.run()
+    assert [e for e, _ in ckpt.calls] == [0, 1, 2, 3, 4]
+    for epoch, path in ckpt.calls:
+        assert path.name == f"epoch-{epoch:03d}.apr"
+        assert path.with_name(f"epoch-{epoch:03d}.metadata.json").exists()
+
+
+def test_optimizer_sha_from_step_fn_wins(tmp_path):
+    loop, _ = make_loop(tmp_path, step_fn=WithSha())
+    loop.run()
+    assert {m.optimizer_state_sha for m in loop.epoch_metadata} == {"a" * 64}
+
+
+def test_optimizer_sha_fallback_for_synthetic_step_fns(tmp_path):
+    loop, _ = make_loop(tmp_path)
+    loop.run()
+    shas = [m.optimizer_state_sha for m in loop.epoch_metadata]
+    assert all(len(s) == 64 and int(s, 16) >= 0 for s in shas)
+    assert len(set(shas)) == len(shas)  # depends on the epoch and tokens seen
+
+
+def test_checkpoint_failure_stops_run_and_keeps_earlier_epochs(tmp_path):
+    ckpt = RecordingCheckpoint(fail_on={2})
+    loop, cfg = make_loop(tmp_path, ckpt=ckpt)
+    result = loop.run()
+    assert result.exit_code == ExitCode.CHECKPOINT_FAILED and result.abort.epoch == 2
+    ckpt_dir = cfg.output_dir / "ckpt"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "epoch-000.apr", "epoch-000.metadata.json", "epoch-001.apr", "epoch-001.metadata.json",
+    ]
+    status = json.loads((cfg.output_dir / "status.json").read_text())
+    assert status["reason"] == "checkpoint_failed" and status["epochs_completed"] == 2
+    assert "disk full" in status["abort"]["message"]
+
+
+def test_early_stop_after_patience(tmp_path):
+    loop, _ = make_loop(tmp_path, val=(3.0, 3.1, 3.2, 3.3, 3.4), min_epochs_before_early_stop=1)
+    result = loop.run()
+    assert result.status is RunStatus.EARLY_STOP and result.epochs_completed == 3
+    assert result.best_val_loss == 3.0 and result.exit_code == ExitCode.TARGET_NOT_MET
+
+
+def test_no_early_stop_before_min_epochs(tmp_path):
+    loop, _ = make_loop(tmp_path, val=(3.0, 3.1, 3.2, 3.3, 3.4), min_epochs_before_early_stop=4)
+    assert loop.run().epochs_completed == 4
+
+
+def test_target_met_stops_after_min_epochs(tmp_path):
+    loop, _ = make_loop(tmp_path, val=(2.1, 2.0, 1.9, 1.8, 1.7), min_epochs_before_early_stop=3)
+    result = loop.run()
+    assert result.status is RunStatus.OK and result.epochs_completed == 3 and result.final_val_loss == 1.9
+
+
+def test_target_missed_exit_code(tmp_path):
+    result = make_loop(tmp_path, val=(3.4, 3.0, 2.9, 2.8, 2.7))[0].run()
+    assert result.status is RunStatus.OK and not result.target_met and result.exit_code == ExitCode.TARGET_NOT_MET
+
+
+def test_epoch_count_is_ceil(tmp_path):
+    loop, _ = make_loop(tmp_path, total_steps=23, target_val_loss=1.0)
+    loop.run()
+    assert len(loop.epoch_metadata) == 5 and len(loop.step_metrics) == 23
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    loop, cfg = make_loop(tmp_path, rank=1)
+    assert loop.run().status is RunStatus.OK
+    assert not (cfg.output_dir / "metrics.jsonl").exists() and not (cfg.output_dir / "status.json").exists()
