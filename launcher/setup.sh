@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment and installs albor into it.
+# Where no NVIDIA GPU is present it installs PyTorch's CPU build first, so that
+# the plain torch requirement does not pull a CUDA build of several GB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${ALBOR_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    python -m pip install -q "torch>=2.5,<3"
+  else
+    python -m pip install -q "torch==2.13.0"  # the CPU build on this project's machines
+  fi
+fi
+# DeepSpeed builds from source: without build isolation it compiles against the
+# torch above instead of downloading a second (CUDA) torch into a build env.
+if ! python -c "import deepspeed" 2>/dev/null; then
+  python -m pip install -q setuptools wheel
+  python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+fi
+python -m pip install -q -e ".[test]"
