@@ -1,0 +1,293 @@
+"""Memory-mapped token dataset and the train / validation batch loaders.
+
+``TokenDataset.open`` checks everything a run could trip over later (index,
+every shard's header, size, sha256 and largest token id) before any model is
+built. Samples are non-overlapping windows of ``seq_length + 1`` tokens over
+the concatenation of a split's shards, in index order; a window may cross a
+shard boundary (documents are already separated by EOS, so a boundary is just
+another document edge and no tokens are wasted). Leftover tokens after the
+last whole window are not used.
+
+Rank/world are plain integers: this module never talks to other processes.
+Every rank computes the same permutation from (seed, data_epoch) and takes
+its own contiguous slice of each global batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from albor.data.shards import FORMAT_VERSION, INDEX_NAME, SPLITS, dataset_fingerprint, ShardInfo
+from albor.data.shards import open_tokens, read_header, scan_shard
+from albor.errors import ConfigError, DataError
+
+_REGENERATE = "regenerate it with `albor prepare-data`"
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """A read-only view over one split's shards, concatenated."""
+
+    name: str
+    arrays: tuple[np.ndarray, ...]
+    fingerprint: str  # of the whole dataset, so a loader cursor can name its data
+    starts: np.ndarray  # (S + 1,) cumulative token offsets of the shards
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.starts[-1])
+
+    def num_windows(self, seq_length: int) -> int:
+        return self.num_tokens // (seq_length + 1)
+
+    def window(self, i: int, seq_length: int) -> np.ndarray:
+        """Tokens [i*(T+1), (i+1)*(T+1)) of the concatenated split, as int64."""
+        n = seq_length + 1
+        lo, hi = i * n, (i + 1) * n
+        assert 0 <= i and hi <= self.num_tokens, (i, seq_length, self.num_tokens)
+        s = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        out = np.empty(n, dtype=np.int64)
+        filled = 0
+        while filled < n:
+            a = self.arrays[s]
+            off = lo + filled - int(self.starts[s])
+            take = min(n - filled, a.shape[0] - off)
+            out[filled : filled + take] = a[off : off + take]
+            filled += take
+            s += 1
+        return out
+
+    def batch(self, indices: np.ndarray, seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = np.stack([self.window(int(i), seq_length) for i in indices])  # (B, T + 1)
+        t = torch.from_numpy(w)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
+
+
+class TokenDataset:
+    """An ``index.json`` and its shards, validated at open."""
+
+    def __init__(self, path: Path, index: dict[str, Any], splits: dict[str, Split]):
+        self.path = path
+        self.index = index
+        self.fingerprint: str = index["fingerprint"]
+        self.tokenizer_sha: str = index["tokenizer_sha256"]
+        self.vocab_size: int = index["vocab_size"]
+        self.eos_id: int = index["eos_id"]
+        self._splits = splits
+
+    def split(self, name: str) -> Split:
+        if name not in self._splits:
+            raise ConfigError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+        return self._splits[name]
+
+    @classmethod
+    def open(cls, index_path: str | Path, *, vocab_size: int) -> TokenDataset:
+        path = Path(index_path)
+        if path.is_dir():
+            path = path / INDEX_NAME
+        index = _read_index(path)
+        if index["vocab_size"] > vocab_size:
+            raise DataError(
+                f"dataset {path} was tokenized with vocab_size {index['vocab_size']} but the model has "
+                f"vocab_size {vocab_size}; set the model's vocab_size to at least {index['vocab_size']} "
+                "or re-tokenize with a matching tokenizer"
+            )
+        if not 0 <= index["eos_id"] < index["vocab_size"]:
+            raise DataError(f"index {path}: eos_id {index['eos_id']} is outside the vocabulary; {_REGENERATE}")
+        infos: list[ShardInfo] = []
+        arrays: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        for entry in index["shards"]:
+            shard_path = path.parent / entry["name"]
+            if not shard_path.is_file():
+                raise DataError(f"shard {shard_path} listed in {path} is missing; restore it or {_REGENERATE}")
+            header = read_header(shard_path)
+            if header.count != entry["tokens"]:
+                raise DataError(
+                    f"shard {shard_path} holds {header.count} tokens but {path} lists {entry['tokens']}; {_REGENERATE}"
+                )
+            sha, max_id = scan_shard(shard_path, header)
+            if sha != entry["sha256"]:
+                raise DataError(
+                    f"shard {shard_path} does not match {path} (sha256 {sha[:16]}…, index says "
+                    f"{entry['sha256'][:16]}…): the file changed after it was written; {_REGENERATE}"
+                )
+            if max_id >= vocab_size:
+                raise DataError(
+                    f"shard {shard_path} holds token id {max_id}, not below the model's vocab_size {vocab_size}; "
+                    "use the tokenizer the model was built for or raise the model's vocab_size"
+                )
+            infos.append(ShardInfo(entry["name"], entry["split"], entry["tokens"], entry["sha256"]))
+            arrays[entry["split"]].append(open_tokens(shard_path, header))
+        if dataset_fingerprint(infos, index["tokenizer_sha256"], index["format_version"]) != index["fingerprint"]:
+            raise DataError(f"index {path} has a fingerprint that does not match its shards; {_REGENERATE}")
+        splits = {}
+        for name in SPLITS:
+            counts = [a.shape[0] for a in arrays[name]]
+            starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+            splits[name] = Split(name, tuple(arrays[name]), index["fingerprint"], starts)
+        return cls(path, index, splits)
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(
+            f"dataset index {path} does not exist; run `albor prepare-data ... --output {path.parent}` "
+            "(an unfinished prepare-data leaves no index.json)"
+        )
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"dataset index {path} is not valid JSON ({e}); {_REGENERATE}") from None
+    if not isinstance(index, dict) or index.get("format") != "albor-tokens":
+        raise DataError(f"{path} is not an albor dataset index; {_REGENERATE}")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"dataset index {path} has format version {index.get('format_version')}, this albor reads "
+            f"{FORMAT_VERSION}; {_REGENERATE}"
+        )
+    required = {"vocab_size": int, "eos_id": int, "tokenizer_sha256": str, "fingerprint": str, "shards": list}
+    for key, typ in required.items():
+        if not isinstance(index.get(key), typ):
+            raise DataError(f"dataset index {path} lacks a valid {key!r}; {_REGENERATE}")
+    for entry in index["shards"]:
+        ok = (
+            isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry.get("split") in SPLITS
+            and isinstance(entry.get("tokens"), int) and isinstance(entry.get("sha256"), str)
+            and "/" not in entry["name"] and "\\" not in entry["name"]
+        )
+        if not ok:
+            raise DataError(f"dataset index {path} has a malformed shard entry {entry!r}; {_REGENERATE}")
+    return index
+
+
+def _check_layout(micro_batch: int, seq_length: int, rank: int, world_size: int) -> None:
+    if micro_batch < 1 or seq_length < 1:
+        raise ConfigError(f"micro_batch {micro_batch} and seq_length {seq_length} must be positive")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in [0, world_size {world_size})")
+
+
+def rank_slice(global_batch: np.ndarray, micro_batch: int, rank: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous share of a global batch of micro_batch * world_size windows."""
+    return global_batch[rank * micro_batch : (rank + 1) * micro_batch]
+
+
+def epoch_permutation(num_windows: int, seed: int, data_epoch: int) -> np.ndarray:
+    """The window order of one data epoch: same on every rank, new for every epoch."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, data_epoch])))
+    return rng.permutation(num_windows)
+
+
+class TrainLoader:
+    """Shuffled, rank-sharded training batches with a resumable cursor (gate EXHAUST)."""
+
+    def __init__(self, split: Split, *, micro_batch: int, seq_length: int, rank: int, world_size: int, seed: int):
+        _check_layout(micro_batch, seq_length, rank, world_size)
+        self.split = split
+        self.micro_batch, self.seq_length = micro_batch, seq_length
+        self.rank, self.world_size = rank, world_size
+        self.global_windows = micro_batch * world_size
+        self.num_windows = split.num_windows(seq_length)
+        self.batches_per_epoch = self.num_windows // self.global_windows
+        if self.batches_per_epoch == 0:
+            need = self.global_windows * (seq_length + 1)
+            raise DataError(
+                f"the {split.name} split has {split.num_tokens} tokens, fewer than one global batch needs "
+                f"({micro_batch} micro-batch x {world_size} ranks x {seq_length + 1} tokens = {need}); "
+                "use a smaller --batch-size or --seq-length, or more data"
+            )
+        self.seed = seed
+        self.data_epoch = 0
+        self.position = 0  # global batches already taken from this data epoch
+        self._perm = epoch_permutation(self.num_windows, seed, 0)
+
+    @property
+    def tokens_per_global_batch(self) -> int:
+        return self.global_windows * self.seq_length
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each a LongTensor (micro_batch, seq_length)."""
+        if self.position >= self.batches_per_epoch:
+            # Fewer windows left than a global batch: a new epoch with a new
+            # order, never a padded or repeated batch.
+            self.data_epoch += 1
+            self.position = 0
+            self._perm = epoch_permutation(self.num_windows, self.seed, self.data_epoch)
+        g = self._perm[self.position * self.global_windows : (self.position + 1) * self.global_windows]
+        self.position += 1
+        return self.split.batch(rank_slice(g, self.micro_batch, self.rank), self.seq_length)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "data_epoch": self.data_epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "seq_length": self.seq_length,
+            "global_windows": self.global_windows,
+            "num_windows": self.num_windows,
+            "fingerprint": self.split.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the cursor; the saved seed wins, since it defines the order being resumed."""
+        if state.get("fingerprint", self.split.fingerprint) != self.split.fingerprint:
+            raise DataError(
+                "the checkpoint's data cursor was saved on another dataset (fingerprint "
+                f"{str(state['fingerprint'])[:16]}…, this one {self.split.fingerprint[:16]}…); resume with the "
+                "dataset the run started on, or start a new run"
+            )
+        for key, mine in (("seq_length", self.seq_length), ("global_windows", self.global_windows),
+                          ("num_windows", self.num_windows)):
+            if key in state and state[key] != mine:
+                raise ConfigError(
+                    f"cannot resume the data order exactly: the checkpoint has {key} {state[key]}, this run "
+                    f"{mine}; keep --seq-length, --batch-size and the world size of the original run"
+                )
+        if not 0 <= int(state["position"]) <= self.batches_per_epoch or int(state["data_epoch"]) < 0:
+            raise DataError(f"the checkpoint's data cursor {state} is out of range for this dataset")
+        self.seed = int(state["seed"])
+        self.data_epoch = int(state["data_epoch"])
+        self.position = int(state["position"])
+        self._perm = epoch_permutation(self.num_windows, self.seed, self.data_epoch)
+
+
+class ValidationLoader:
+    """The same validation batches every time, in window order, each rank a disjoint slice."""
+
+    def __init__(self, split: Split, *, micro_batch: int, seq_length: int, rank: int, world_size: int,
+                 max_batches: int | None = None):
+        _check_layout(micro_batch, seq_length, rank, world_size)
+        if max_batches is not None and max_batches < 1:
+            raise ConfigError(f"max_batches {max_batches} must be positive or None")
+        self.split = split
+        self.micro_batch, self.seq_length, self.rank = micro_batch, seq_length, rank
+        self.global_windows = micro_batch * world_size
+        available = split.num_windows(seq_length) // self.global_windows
+        if available == 0:
+            need = self.global_windows * (seq_length + 1)
+            raise DataError(
+                f"the {split.name} split has {split.num_tokens} tokens, fewer than one validation batch needs "
+                f"({micro_batch} x {world_size} ranks x {seq_length + 1} tokens = {need}); raise "
+                "--val-fraction in prepare-data, or use a smaller --batch-size or --seq-length"
+            )
+        self.num_batches = available if max_batches is None else min(available, max_batches)
+
+    @property
+    def tokens(self) -> int:
+        """Target tokens one pass covers, over all ranks."""
+        return self.num_batches * self.global_windows * self.seq_length
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in range(self.num_batches):
+            g = np.arange(b * self.global_windows, (b + 1) * self.global_windows)
+            yield self.split.batch(rank_slice(g, self.micro_batch, self.rank), self.seq_length)
