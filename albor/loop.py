@@ -147,6 +147,9 @@ class PretrainLoop:
         files: RunFiles,
         clock: Callable[[], float] = time.perf_counter,
         on_step: Callable[[dict[str, Any]], None] | None = None,
+        metadata_extra: Mapping[str, Any] | None = None,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
     ) -> None:
         self.config = config
         self.step_fn = step_fn
@@ -156,6 +159,9 @@ class PretrainLoop:
         self.files = files
         self.clock = clock
         self.on_step = on_step
+        self.metadata_extra = dict(metadata_extra or {})
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops  # summed over every device of the job; None on CPUs
         self.step_metrics: list[StepMetrics] = []
         self.epoch_metadata: list[EpochMetadata] = []
         self.val_losses: list[float] = []
@@ -169,7 +175,7 @@ class PretrainLoop:
         return lr_at(step, lr_max=c.lr_max, lr_min=c.lr_min, warmup_steps=c.warmup_steps, total_steps=c.total_steps)
 
     # ── one step ────────────────────────────────────────────────────────
-    def train_step(self, step: int, started: float) -> tuple[StepMetrics, float]:
+    def train_step(self, step: int, epoch: int, started: float) -> tuple[StepMetrics, float]:
         """Run, gate and record one step; returns its metrics and the clock reading."""
         lr = self.lr_at(step)
         result = self.step_fn(step, lr)
@@ -207,7 +213,12 @@ class PretrainLoop:
         metrics.validate()  # gates 007 (lr) and 008
         self.tokens_seen += result.tokens
         self.step_metrics.append(metrics)
-        record = {**dataclasses.asdict(metrics), **result.extra, "tokens_seen": self.tokens_seen}
+        mfu = None
+        if self.flops_per_token is not None and self.peak_flops:
+            mfu = self.flops_per_token * metrics.tokens_per_sec / self.peak_flops
+        record = {
+            **dataclasses.asdict(metrics), "epoch": epoch, "tokens_seen": self.tokens_seen, "mfu": mfu, **result.extra,
+        }
         self.files.append_metrics(record)
         if self.on_step is not None:
             self.on_step(record)
@@ -224,7 +235,7 @@ class PretrainLoop:
         losses: list[float] = []
         grad_norm_max = 0.0
         for step in range(first, last):
-            m, started = self.train_step(step, started)
+            m, started = self.train_step(step, epoch, started)
             self._step = step + 1
             losses.append(m.train_loss)
             grad_norm_max = max(grad_norm_max, m.grad_norm)
@@ -233,11 +244,10 @@ class PretrainLoop:
         self.val_losses.append(val_loss)
         check_non_divergence(epoch, self.val_losses, c.regime, self.vocab_size)  # gate 005 (and 007 on val_loss)
 
-        sha = (
-            self.step_fn.optimizer_state_sha()
-            if isinstance(self.step_fn, OptimizerStateDigest)
-            else synthetic_optimizer_sha(c.seed, epoch, self.tokens_seen)
-        )
+        if isinstance(self.step_fn, OptimizerStateDigest):
+            sha, sha_source = self.step_fn.optimizer_state_sha(), "optimizer"
+        else:
+            sha, sha_source = synthetic_optimizer_sha(c.seed, epoch, self.tokens_seen), "synthetic"
         train_loss = sum(losses) / len(losses)
         meta = EpochMetadata(
             epoch=epoch,
@@ -261,7 +271,10 @@ class PretrainLoop:
                 step=self._step - 1,
             ) from None
         # Metadata last: it is the marker that the epoch's checkpoint is complete.
-        self.files.write_json(artifact.metadata_path, _metadata_json(meta))
+        self.files.write_json(
+            artifact.metadata_path,
+            {**_metadata_json(meta), "optimizer_state_sha_source": sha_source, **self.metadata_extra},
+        )
         self.epoch_metadata.append(meta)
         return meta
 

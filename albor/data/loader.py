@@ -135,6 +135,12 @@ class TokenDataset:
         return cls(path, index, splits)
 
 
+def index_vocab_size(index_path: str | Path) -> int:
+    """The vocabulary size an index was tokenized with (the model's vocab follows it)."""
+    path = Path(index_path)
+    return int(_read_index(path / INDEX_NAME if path.is_dir() else path)["vocab_size"])
+
+
 def _read_index(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(

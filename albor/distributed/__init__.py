@@ -1,0 +1,1 @@
+"""The distributed layer: the only code that imports torch.distributed or deepspeed."""

@@ -1,0 +1,105 @@
+"""Process-group set-up for every launch form, and the few collectives albor uses.
+
+``deepspeed --module``, ``torchrun -m`` and ``deepspeed --hostfile`` set RANK,
+LOCAL_RANK and WORLD_SIZE; a plain ``python -m albor.pretrain`` sets none, and
+then this module builds a one-rank group by itself (no port, no launcher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+#: First collectives may wait for a rank that tokenizes a raw corpus or compiles an op.
+STARTUP_TIMEOUT_S = float(os.environ.get("ALBOR_STARTUP_TIMEOUT_S", 900))
+#: After the first step a lost peer should end the job quickly (torchtitan does the same).
+STEP_TIMEOUT_S = float(os.environ.get("ALBOR_STEP_TIMEOUT_S", 120))
+
+
+def launched_world_size() -> int:
+    """World size the launcher announced (1 without a launcher); no process-group work."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place SUM over ranks (a no-op for one rank)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any_rank(self, flag: bool) -> list[int]:
+        """The ranks where ``flag`` is true, known to every rank (one small all-reduce)."""
+        slots = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        slots[self.rank] = float(flag)
+        self.all_reduce_sum_(slots)
+        return [r for r, v in enumerate(slots.tolist()) if v]
+
+    def combined_digest(self, digest: bytes) -> str:
+        """sha256 over every rank's 32-byte digest, in rank order."""
+        digests: list[bytes] = [digest]
+        if self.world_size > 1:
+            digests = [b""] * self.world_size
+            dist.all_gather_object(digests, digest)
+        return hashlib.sha256(b"".join(digests)).hexdigest()
+
+    def set_timeout(self, seconds: float) -> None:
+        """Change the collective timeout of the default group from now on."""
+        if self.world_size > 1:
+            dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+
+    @contextlib.contextmanager
+    def patient(self) -> Iterator[None]:
+        """Startup timeout for slow collective phases (checkpoints), then back to the step timeout."""
+        self.set_timeout(STARTUP_TIMEOUT_S)
+        try:
+            yield
+        finally:
+            self.set_timeout(STEP_TIMEOUT_S)
+
+
+def init_distributed() -> DistEnv:
+    """Join (or, without a launcher, create) the process group; pick this rank's device."""
+    import deepspeed
+
+    timeout = datetime.timedelta(seconds=STARTUP_TIMEOUT_S)
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" not in os.environ:  # dev mode: one rank, no launcher, no port to pick
+        os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed asserts on it
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group made above
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown() -> None:
+    """Leave the process group on a clean exit (not on the error path: no collectives there)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

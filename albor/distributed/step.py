@@ -1,0 +1,154 @@
+"""One optimizer step through DeepSpeed, and the one fused all-reduce behind it.
+
+Every rank writes its numbers into its own slots of one float64 buffer and
+the buffer is SUM-all-reduced once per step. Because no two ranks write the
+same slot, the sum adds only zeros to each value: it is exact, it equals a
+MAX, and it doubles as a gather, so every rank holds every rank's loss, token
+count, fault flags and GPU utilisation after a single collective and a single
+host sync. Flags are never added together, so a count of faulty ranks can
+never masquerade as a flag value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from albor.data.loader import TrainLoader
+from albor.distributed.engine import set_lr
+from albor.distributed.optimizer_sha import optimizer_state_sha
+from albor.distributed.process_group import STEP_TIMEOUT_S, DistEnv
+from albor.faults import FaultPlan
+from albor.loop import StepResult
+from albor.telemetry import GpuUtilization
+
+log = logging.getLogger("albor")
+
+# Per-rank slots of the fused buffer.
+LOSS_SUM, TOKENS, FLAGS, GPU_UTIL, GRAD_NORM = range(5)
+SLOTS = 5
+# Fault flags, most specific first: the ranks holding the first one present are "the ranks that saw it first".
+LOCAL_ERROR, LOSS_NONFINITE, NORM_INVALID, STEP_SKIPPED = 8, 1, 2, 4
+FLAG_PRIORITY = (LOCAL_ERROR, LOSS_NONFINITE, NORM_INVALID, STEP_SKIPPED)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the batch's tokens, computed in float32."""
+    # logits (B, T, V), targets (B, T)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+class DeepSpeedStep:
+    """The real step function: forward, backward, ``engine.step()``, one all-reduce."""
+
+    def __init__(
+        self,
+        engine,
+        loader: TrainLoader,
+        env: DistEnv,
+        *,
+        grad_accumulation: int,
+        gpu: GpuUtilization,
+        faults: FaultPlan | None = None,
+    ) -> None:
+        self.engine = engine
+        self.loader = loader
+        self.env = env
+        self.grad_accumulation = grad_accumulation
+        self.gpu = gpu
+        self.faults = faults
+        self._buffer = torch.zeros(env.world_size * SLOTS, dtype=torch.float64, device=env.device)
+        self._first_step_done = False
+
+    def _micro_step(self, step: int, micro: int) -> tuple[torch.Tensor, int]:
+        """Forward on one micro-batch: purely local work, no collective can be in flight."""
+        if micro == 0 and self.faults is not None:
+            self.faults.before_forward(self.env.rank, step)
+        inputs, targets = self.loader.next_batch()
+        inputs = inputs.to(self.env.device, non_blocking=True)
+        targets = targets.to(self.env.device, non_blocking=True)
+        loss = token_loss(self.engine(inputs), targets)
+        if micro == 0 and self.faults is not None and self.faults.poisons_loss(self.env.rank, step):
+            loss = loss * float("nan")
+        return loss, targets.numel()
+
+    def _zero_loss(self) -> torch.Tensor:
+        # A rank whose forward failed still runs a backward, with zero gradients, so that
+        # its ZeRO reduce hooks join the same collectives as its peers and nobody hangs.
+        return sum((p * 0.0).sum() for p in self.engine.module.parameters())
+
+    def __call__(self, step: int, lr: float) -> StepResult:
+        set_lr(self.engine, lr)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        tokens = 0
+        local_error: str | None = None
+        for micro in range(self.grad_accumulation):
+            loss = None
+            if local_error is None:
+                try:
+                    loss, n = self._micro_step(step, micro)
+                    loss_sum += loss.detach().double() * n
+                    tokens += n
+                except Exception as e:  # caught outside any collective: report it through the flags
+                    local_error = f"{type(e).__name__}: {e}"
+                    log.error("rank %d: exception at step %d:\n%s", self.env.rank, step, traceback.format_exc())
+            self.engine.backward(loss if loss is not None else self._zero_loss())
+            self.engine.step()
+
+        applied = self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()  # tensor, float, or None before any step
+        norm_t = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float64, device=self.env.device)
+        flags = (
+            (~torch.isfinite(loss_sum)).double() * LOSS_NONFINITE
+            + ((~torch.isfinite(norm_t)) | (norm_t < 0)).double() * NORM_INVALID
+            + (0 if applied else STEP_SKIPPED)
+            + (0 if local_error is None else LOCAL_ERROR)
+        )
+        local = torch.stack([
+            loss_sum,
+            torch.tensor(float(tokens), dtype=torch.float64, device=self.env.device),
+            flags,
+            torch.tensor(self.gpu.read(), dtype=torch.float64, device=self.env.device),
+            norm_t,
+        ])
+        buf = self._buffer.zero_()
+        buf[self.env.rank * SLOTS : (self.env.rank + 1) * SLOTS] = local
+        self.env.all_reduce_sum_(buf)
+        values = buf.tolist()  # the one host sync of the step
+        rows = [values[r * SLOTS : (r + 1) * SLOTS] for r in range(self.env.world_size)]
+        if not self._first_step_done:
+            self._first_step_done = True
+            self.env.set_timeout(STEP_TIMEOUT_S)
+        return self._combine(rows)
+
+    def _combine(self, rows: list[list[float]]) -> StepResult:
+        """Identical arithmetic, in rank order, on identical numbers: an identical verdict everywhere."""
+        flags = [int(r[FLAGS]) for r in rows]
+        flagged: tuple[int, ...] = ()
+        for bit in FLAG_PRIORITY:
+            flagged = tuple(r for r, f in enumerate(flags) if f & bit)
+            if flagged:
+                break
+        error = None
+        if any(f & LOCAL_ERROR for f in flags):
+            # The same words on every rank; the failing rank logged its own traceback above.
+            error = f"exception on rank(s) {', '.join(map(str, flagged))}; see that rank's log for the traceback"
+        total_tokens = sum(r[TOKENS] for r in rows)
+        utils = [r[GPU_UTIL] for r in rows]
+        return StepResult(
+            train_loss=sum(r[LOSS_SUM] for r in rows) / max(total_tokens, 1.0),
+            grad_norm=rows[0][GRAD_NORM],  # DeepSpeed's norm is already global: the same on every rank
+            tokens=int(total_tokens),
+            gpu_util_pct=sum(utils) / len(utils),
+            step_applied=not any(f & STEP_SKIPPED for f in flags),
+            rank_error=error,
+            flagged_ranks=flagged,
+            extra={"gpu_util_per_rank": utils, "data_epoch": self.loader.data_epoch},
+        )
+
+    def optimizer_state_sha(self) -> str:
+        return optimizer_state_sha(self.engine, self.env)

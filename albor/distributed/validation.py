@@ -1,0 +1,33 @@
+"""Per-epoch validation: every rank a slice of the same held-out batches, loss all-reduced."""
+
+from __future__ import annotations
+
+import torch
+
+from albor.data.loader import ValidationLoader
+from albor.distributed.process_group import DistEnv
+from albor.distributed.step import token_loss
+
+
+class DeepSpeedValidation:
+    """Mean cross-entropy over every validation token, identical on every rank."""
+
+    def __init__(self, engine, loader: ValidationLoader, env: DistEnv) -> None:
+        self.engine = engine
+        self.loader = loader
+        self.env = env
+
+    @torch.no_grad()
+    def __call__(self, epoch: int) -> float:
+        self.engine.eval()
+        try:
+            totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # (loss sum, tokens)
+            for inputs, targets in self.loader:
+                inputs = inputs.to(self.env.device, non_blocking=True)
+                targets = targets.to(self.env.device, non_blocking=True)
+                totals[0] += token_loss(self.engine(inputs), targets).double() * targets.numel()
+                totals[1] += targets.numel()
+            loss_sum, tokens = self.env.all_reduce_sum_(totals).tolist()
+            return loss_sum / tokens
+        finally:
+            self.engine.train()

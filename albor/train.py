@@ -1,0 +1,163 @@
+"""The real training path: data, model, DeepSpeed engine and the contract loop, wired together.
+
+Everything that can be checked without a process group is checked first
+(fault drill, DeepSpeed config, sequence length), so a bad flag costs
+nothing and leaves nothing on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+
+import torch
+
+from albor.config import PretrainConfig
+from albor.console import format_step, setup_logging
+from albor.contract import AbortReason, ContractAbort
+from albor.data.loader import TokenDataset, TrainLoader, ValidationLoader, index_vocab_size
+from albor.data.resolve import resolve_dataset
+from albor.distributed.checkpoint import EpochCheckpoint
+from albor.distributed.ds_config import (
+    default_ds_config_path,
+    load_ds_config,
+    resolve_ds_config,
+    uses_bf16,
+)
+from albor.distributed.engine import build_engine
+from albor.distributed.process_group import DistEnv, device_type, init_distributed, launched_world_size, shutdown
+from albor.distributed.step import DeepSpeedStep
+from albor.distributed.validation import DeepSpeedValidation
+from albor.errors import AlborError, ConfigError, ExitCode
+from albor.faults import fault_plan_from_env
+from albor.loop import PretrainLoop, RunResult, RunStatus
+from albor.model import AlborLlama, flops_per_token, model_preset, num_parameters
+from albor.run_files import RunFiles
+from albor.telemetry import GpuUtilization, peak_flops
+
+log = logging.getLogger("albor")
+
+
+def _cpu_bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _gpu_identity(env: DistEnv) -> tuple[str | None, str | None]:
+    """(device name, UUID) of this rank's GPU, or (None, None) on a CPU."""
+    if env.device.type != "cuda":
+        return None, None
+    props = torch.cuda.get_device_properties(env.device)
+    return props.name, str(getattr(props, "uuid", "")) or None
+
+
+def train(config: PretrainConfig) -> ExitCode:
+    """Run training under the contract; every rank returns the same exit code."""
+    faults = fault_plan_from_env()
+    world, dev = launched_world_size(), device_type()
+    ds_path = config.ds_config or default_ds_config_path(dev, world)
+    ds = resolve_ds_config(
+        load_ds_config(ds_path), config, world_size=world, device_type=dev,
+        bf16_supported=_cpu_bf16_supported(), source=str(ds_path),
+    )
+    max_positions = model_preset(config.model).max_position_embeddings
+    if config.seq_length > max_positions:
+        raise ConfigError(
+            f"seq_length {config.seq_length} > the {config.model} model's max positions {max_positions}: lower --seq-length"
+        )
+
+    env = init_distributed()
+    setup_logging(env.rank, env.world_size)
+    if faults is not None:
+        log.warning("FAULT DRILL ACTIVE: %s on rank %d at step %d (ALBOR_FAULT)", faults.kind, faults.rank, faults.step)
+    files: RunFiles | None = None
+    try:
+        index_path = resolve_dataset(config.dataset, config.tokenizer, config.output_dir, log=log.info)
+        model_cfg = model_preset(config.model, vocab_size=index_vocab_size(index_path))
+        dataset = TokenDataset.open(index_path, vocab_size=model_cfg.vocab_size)
+        train_loader = TrainLoader(
+            dataset.split("train"), micro_batch=config.batch_size, seq_length=config.seq_length,
+            rank=env.rank, world_size=env.world_size, seed=config.seed,
+        )
+        val_loader = ValidationLoader(
+            dataset.split("val"), micro_batch=config.batch_size, seq_length=config.seq_length,
+            rank=env.rank, world_size=env.world_size, max_batches=config.val_batches,
+        )
+
+        files = RunFiles(config.output_dir, enabled=env.is_main)
+        files.write_text("config.yaml", config.to_yaml())
+        files.write_json(config.output_dir / "ds_config.json", ds)
+        files.write_json(files.status_path, {"status": "running", "world_size": env.world_size})
+
+        torch.manual_seed(config.seed)  # identical init on every rank and in every rerun (gate 006)
+        model = AlborLlama(model_cfg)
+        engine = build_engine(model, ds, env, lr=config.lr_max, weight_decay=config.weight_decay)
+        device_name, uuid = _gpu_identity(env)
+        gpu = GpuUtilization(uuid)
+        peak = peak_flops(device_name)
+        grad_accumulation = ds["gradient_accumulation_steps"]
+        log.info(
+            "albor: %s (%s params, %s with the tied head) | world %d on %s%s | %s | tokens/step %d | %d epochs of %d steps",
+            config.model, f"{num_parameters(model_cfg, count_tied_head=False):,}",
+            f"{num_parameters(model_cfg, count_tied_head=True):,}", env.world_size, device_name or "cpu",
+            " (bf16)" if uses_bf16(ds) else " (fp32)", ds_path.name,
+            config.batch_size * config.seq_length * grad_accumulation * env.world_size,
+            config.num_epochs, config.steps_per_epoch,
+        )
+        log.info(
+            "gpu utilisation: %s | mfu: %s",
+            "NVML" if gpu.available else f"unavailable, recorded as 0 ({gpu.reason})",
+            "peak from the device table" if peak else "unavailable on this device (null)",
+        )
+        step_fn = DeepSpeedStep(
+            engine, train_loader, env, grad_accumulation=grad_accumulation, gpu=gpu, faults=faults
+        )
+        log_every = max(1, min(50, config.steps_per_epoch // 4))
+        loop = PretrainLoop(
+            config,
+            step_fn,
+            DeepSpeedValidation(engine, val_loader, env),
+            EpochCheckpoint(engine, env, model_cfg, train_loader, config.output_dir, seed=config.seed),
+            vocab_size=model_cfg.vocab_size,
+            files=files,
+            on_step=lambda r: log.info(format_step(r)) if r["step"] % log_every == 0 else None,
+            metadata_extra={
+                "world_size": env.world_size,
+                "model": config.model,
+                "dataset_fingerprint": dataset.fingerprint,
+            },
+            flops_per_token=flops_per_token(model_cfg, config.seq_length),
+            peak_flops=peak * env.world_size if peak else None,
+        )
+        result = loop.run()
+        _report(result, config)
+        files.close()
+        shutdown()
+        return result.exit_code
+    except AlborError:
+        raise  # every rank meets the same bad input; pretrain.main prints it
+    except Exception as e:
+        # A bug or a lost peer. No collectives from here: a peer may be gone.
+        log.error("rank %d: %s\n%s", env.rank, e, traceback.format_exc())
+        code = ExitCode.RANK_FAILURE if env.world_size > 1 else ExitCode.INTERNAL_ERROR
+        if files is not None and files.enabled:
+            abort = ContractAbort(AbortReason.RANK_FAILURE, f"{type(e).__name__} on rank {env.rank}: {e}", ranks=[env.rank])
+            status = RunResult(RunStatus.ABORTED, 0, 0, None, None, config.target_val_loss, abort=abort).to_dict()
+            files.write_json(files.status_path, {**status, "exit_code": int(code)})
+        return code
+
+
+def _report(result: RunResult, config: PretrainConfig) -> None:
+    if result.abort is not None:
+        log.error("ABORTED (exit %d): %s", result.exit_code, result.abort.message)
+    else:
+        log.info(
+            "finished: %s after %d epochs | final val_loss %.4f | target %.2f %s (exit %d)",
+            result.status.value, result.epochs_completed, result.final_val_loss or float("nan"),
+            config.target_val_loss, "met" if result.target_met else "missed", result.exit_code,
+        )
+    log.info("run directory: %s (metrics.jsonl, ckpt/, status.json)", config.output_dir)
+    log.debug("status: %s", json.dumps(result.to_dict()))
