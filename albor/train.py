@@ -74,6 +74,7 @@ def train(config: PretrainConfig) -> ExitCode:
     if faults is not None:
         log.warning("FAULT DRILL ACTIVE: %s on rank %d at step %d (ALBOR_FAULT)", faults.kind, faults.rank, faults.step)
     files: RunFiles | None = None
+    loop: PretrainLoop | None = None
     try:
         index_path = resolve_dataset(config.dataset, config.tokenizer, config.output_dir, log=log.info)
         model_cfg = model_preset(config.model, vocab_size=index_vocab_size(index_path))
@@ -140,14 +141,34 @@ def train(config: PretrainConfig) -> ExitCode:
     except AlborError:
         raise  # every rank meets the same bad input; pretrain.main prints it
     except Exception as e:
-        # A bug or a lost peer. No collectives from here: a peer may be gone.
+        # A bug here, or a peer that died inside a collective. No collectives from here on.
         log.error("rank %d: %s\n%s", env.rank, e, traceback.format_exc())
         code = ExitCode.RANK_FAILURE if env.world_size > 1 else ExitCode.INTERNAL_ERROR
         if files is not None and files.enabled:
-            abort = ContractAbort(AbortReason.RANK_FAILURE, f"{type(e).__name__} on rank {env.rank}: {e}", ranks=[env.rank])
-            status = RunResult(RunStatus.ABORTED, 0, 0, None, None, config.target_val_loss, abort=abort).to_dict()
-            files.write_json(files.status_path, {**status, "exit_code": int(code)})
+            files.write_json(files.status_path, _crash_status(e, env, loop, config, code))
         return code
+
+
+def _crash_status(e: Exception, env: DistEnv, loop: PretrainLoop | None, config: PretrainConfig, code: ExitCode) -> dict:
+    """status.json for an exception that escaped the loop, on rank 0."""
+    text = str(e)
+    peer_lost = "closed by peer" in text or "Timed out" in text or "timed out" in text.lower()
+    if peer_lost:  # rank 0 only saw the symptom; the dead rank is not known here
+        message, ranks = f"lost a peer rank during a collective ({type(e).__name__}: {text})", []
+    else:
+        message, ranks = f"{type(e).__name__} on rank {env.rank}: {text}", [env.rank]
+    step = loop.step_metrics[-1].step + 1 if loop is not None and loop.step_metrics else None
+    abort = ContractAbort(AbortReason.RANK_FAILURE, message, step=step, ranks=ranks)
+    result = RunResult(
+        RunStatus.ABORTED,
+        epochs_completed=len(loop.epoch_metadata) if loop else 0,
+        steps_completed=len(loop.step_metrics) if loop else 0,
+        final_val_loss=None,
+        best_val_loss=min((m.val_loss for m in loop.epoch_metadata), default=None) if loop else None,
+        target_val_loss=config.target_val_loss,
+        abort=abort,
+    )
+    return {**result.to_dict(), "exit_code": int(code)}
 
 
 def _report(result: RunResult, config: PretrainConfig) -> None:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The README demo: prepares the built-in python-stdlib corpus (once), then trains the
+# tiny model from scratch for real under DeepSpeed ZeRO-2: on every GPU present, or
+# on 2 CPU ranks. Prints where the metrics, checkpoints and status are.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launcher/setup.sh
+# shellcheck disable=SC1091
+. "${ALBOR_VENV:-.venv}/bin/activate"
+
+DATA="${ALBOR_DEMO_DATA:-data/python-stdlib}"
+RUN="${ALBOR_DEMO_RUN:-runs/demo-$(date +%Y%m%d-%H%M%S)}"
+[ -f "$DATA/index.json" ] || albor prepare-data --builtin python-stdlib --output "$DATA"
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  RANKS=$(nvidia-smi -L | wc -l)
+else
+  RANKS=2
+fi
+set +e
+deepspeed --quiet --num_gpus "$RANKS" --module albor.pretrain \
+  --config launcher/demo.yaml --dataset "$DATA" --output-dir "$RUN"
+code=$?
+set -e
+echo
+echo "exit code $code (see README: 0 = target met)"
+echo "metrics:     $RUN/metrics.jsonl"
+echo "checkpoints: $RUN/ckpt/ (epoch-NNN.apr + epoch-NNN.metadata.json)"
+echo "status:      $RUN/status.json"
+exit "$code"
