@@ -241,6 +241,12 @@ class PretrainLoop:
             grad_norm_max = max(grad_norm_max, m.grad_norm)
 
         val_loss = self.val_fn(epoch)
+        if not math.isfinite(val_loss):  # gate 007 first, as the seed does, at every epoch including 0
+            raise ContractAbort(
+                AbortReason.NUMERICAL_INSTABILITY,
+                f"NUMERICAL_INSTABILITY at epoch {epoch}: val_loss = {val_loss} is not a finite number",
+                epoch=epoch, step=last - 1, field="val_loss", value=val_loss,
+            )
         self.val_losses.append(val_loss)
         check_non_divergence(epoch, self.val_losses, c.regime, self.vocab_size)  # gate 005 (and 007 on val_loss)
 

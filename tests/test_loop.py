@@ -138,6 +138,8 @@ def test_optimizer_sha_from_step_fn_wins(tmp_path):
     loop, _ = make_loop(tmp_path, step_fn=WithSha())
     loop.run()
     assert {m.optimizer_state_sha for m in loop.epoch_metadata} == {"a" * 64}
+    meta = json.loads((loop.config.output_dir / "ckpt" / "epoch-000.metadata.json").read_text())
+    assert meta["optimizer_state_sha_source"] == "optimizer"
 
 
 def test_optimizer_sha_fallback_for_synthetic_step_fns(tmp_path):
@@ -146,6 +148,8 @@ def test_optimizer_sha_fallback_for_synthetic_step_fns(tmp_path):
     shas = [m.optimizer_state_sha for m in loop.epoch_metadata]
     assert all(len(s) == 64 and int(s, 16) >= 0 for s in shas)
     assert len(set(shas)) == len(shas)  # depends on the epoch and tokens seen
+    meta = json.loads((loop.config.output_dir / "ckpt" / "epoch-000.metadata.json").read_text())
+    assert meta["optimizer_state_sha_source"] == "synthetic"  # never passed off as a real state
 
 
 def test_checkpoint_failure_stops_run_and_keeps_earlier_epochs(tmp_path):
@@ -195,3 +199,16 @@ def test_other_ranks_write_nothing(tmp_path):
     loop, cfg = make_loop(tmp_path, rank=1)
     assert loop.run().status is RunStatus.OK
     assert not (cfg.output_dir / "metrics.jsonl").exists() and not (cfg.output_dir / "status.json").exists()
+
+
+@pytest.mark.parametrize("val", [(math.nan,), (3.0, math.inf)])
+def test_non_finite_val_loss_is_numerical_instability(tmp_path, val):
+    ckpt = RecordingCheckpoint()
+    result = make_loop(tmp_path, val=val, ckpt=ckpt)[0].run()
+    assert result.abort.reason is AbortReason.NUMERICAL_INSTABILITY and result.abort.field == "val_loss"
+    assert result.abort.epoch == len(val) - 1 and len(ckpt.calls) == len(val) - 1
+
+
+def test_epoch_zero_above_cap_aborts_with_its_own_code(tmp_path):
+    result = make_loop(tmp_path, val=(31.99,))[0].run()
+    assert result.exit_code == ExitCode.DIVERGENCE_AT_EPOCH_ZERO and result.epochs_completed == 0
