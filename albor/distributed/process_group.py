@@ -95,6 +95,11 @@ def init_distributed() -> DistEnv:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one machine share its cores: without this every rank starts a thread
+        # per core and they oversubscribe the CPU several times over (torchrun sets 1).
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group made above
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

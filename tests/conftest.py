@@ -1,0 +1,155 @@
+"""Shared fixtures: the small builtin dataset, and a launcher for real multi-process runs.
+
+Every launch runs in its own process group with a hard timeout, so a hung
+collective fails the test instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LAUNCH_TIMEOUT_S = 180.0
+# Variables a surrounding launcher may have set; a child run must not inherit them.
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ALBOR_FAULT")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return  # no torch import for a run without gpu tests
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def builtin_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small python-stdlib corpus, tokenized once per session: a directory holding index.json."""
+    from albor.data.prepare import main as prepare
+
+    out = tmp_path_factory.mktemp("builtin") / "data"
+    code = prepare(["--builtin", "python-stdlib", "--output", str(out), "--max-bytes", "2000000"])
+    assert code == 0, f"albor prepare-data exited {code}"
+    assert (out / "index.json").is_file()
+    return out
+
+
+def _shm_op_built() -> bool:
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    return any(root.glob("*/deepspeed_shm_comm/*.so"))
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops_ready() -> None:
+    """Compile DeepSpeed's CPU shared-memory comm op once (30-60 s), so no run times its build."""
+    if _shm_op_built():
+        return
+    cmd = [sys.executable, "-c",
+           "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Launch:
+    """One finished run: the launcher's exit code, its wall time, its run directory and its output."""
+
+    returncode: int
+    elapsed: float
+    run_dir: Path
+    output: str
+    argv: list[str]
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def status(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "status.json").read_text())
+
+    def metadata(self, epoch: int) -> dict[str, Any]:
+        return json.loads((self.run_dir / "ckpt" / f"epoch-{epoch:03d}.metadata.json").read_text())
+
+    def tail(self, n: int = 4000) -> str:
+        return f"$ {' '.join(self.argv)}\n(exit {self.returncode}, {self.elapsed:.1f} s)\n{self.output[-n:]}"
+
+
+def launch(
+    how: str,
+    args: Sequence[str],
+    run_dir: Path,
+    *,
+    nproc: int = 2,
+    env: Mapping[str, str] | None = None,
+    timeout: float = LAUNCH_TIMEOUT_S,
+) -> Launch:
+    """Run ``albor.pretrain`` under ``deepspeed``, ``torchrun`` or plain ``python`` into ``run_dir``.
+
+    A fresh master port per launch; the whole process tree is killed on timeout
+    and the test fails with the output so far.
+    """
+    if how == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--quiet", "--num_gpus", str(nproc), "--master_port", str(free_port()),
+               "--module", "albor.pretrain"]
+    elif how == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+               "-m", "albor.pretrain"]
+    elif how == "python":
+        cmd = [sys.executable, "-m", "albor.pretrain"]
+    else:
+        raise ValueError(f"unknown launcher {how!r}")
+    cmd += [*args, "--output-dir", str(run_dir)]
+    child_env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    # One thread a rank: 2 ranks on 2 cores, and a loaded machine does not oversubscribe
+    # (a dev-mode run with default threads was measured 6x slower on a busy 2-core box).
+    child_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    child_env.update(env or {})
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group: a timeout kills the ranks too
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        elapsed = time.monotonic() - start
+        pytest.fail(f"run hung: killed after {elapsed:.0f} s\n$ {' '.join(cmd)}\n{(out or '')[-4000:]}")
+    elapsed = time.monotonic() - start
+    try:  # stragglers (a rank the launcher forgot) must not outlive the test
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return Launch(proc.returncode, elapsed, run_dir, out, cmd)
+
+
+@pytest.fixture(scope="session")
+def albor_launch(deepspeed_ops_ready: None):
+    """``launch`` itself, after the DeepSpeed op is built (see :func:`launch`)."""
+    return launch
