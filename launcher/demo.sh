@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 bash launcher/setup.sh
 # shellcheck disable=SC1091
 . "${ALBOR_VENV:-.venv}/bin/activate"
+# Without a GPU, tell DeepSpeed so instead of letting it probe and warn on every import.
+if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+fi
 
 DATA="${ALBOR_DEMO_DATA:-data/python-stdlib}"
 RUN="${ALBOR_DEMO_RUN:-runs/demo-$(date +%Y%m%d-%H%M%S)}"

@@ -11,7 +11,7 @@ PY="${PYTHON:-python3}"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
-if ! python -c "import torch" 2>/dev/null; then
+if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     python -m pip install -q "torch>=2.5,<3"
   else
@@ -20,8 +20,14 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # DeepSpeed builds from source: without build isolation it compiles against the
 # torch above instead of downloading a second (CUDA) torch into a build env.
-if ! python -c "import deepspeed" 2>/dev/null; then
+if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)"; then
   python -m pip install -q setuptools wheel
   python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
 fi
-python -m pip install -q -e ".[test]"
+# Reinstall albor (editable) only when its declared dependencies changed.
+stamp="$VENV/.albor-pyproject.sha256"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import albor" 2>/dev/null; then
+  python -m pip install -q -e ".[test]"
+  echo "$want" > "$stamp"
+fi
