@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+import warnings
 
 import torch
 
@@ -69,6 +70,9 @@ def train(config: PretrainConfig) -> ExitCode:
             f"seq_length {config.seq_length} > the {config.model} model's max positions {max_positions}: lower --seq-length"
         )
 
+    # DeepSpeed's ZeRO still calls a torch collective that torch has deprecated; the warning
+    # (one per rank) says nothing an albor user can act on.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     env = init_distributed()
     setup_logging(env.rank, env.world_size)
     if faults is not None:
