@@ -102,21 +102,35 @@ def _problems(c: PretrainConfig) -> list[str]:
         p.append(f"warmup_steps ({c.warmup_steps}) > total_steps ({c.total_steps}): lower --warmup-steps or raise --total-steps")
     if c.lr_min > c.lr_max:
         p.append(f"lr_min ({c.lr_min}) > lr_max ({c.lr_max}): lr_min must not exceed lr_max")
+    if c.seed >= 2**63:
+        p.append(f"seed must be < 2**63 (got {c.seed})")
     if c.dataset is None:
         p.append("dataset is required: pass --dataset (a token index, its directory, or a raw corpus)")
     elif not c.dataset.exists():
         p.append(f"dataset {c.dataset} does not exist: check --dataset, or run 'albor prepare-data' first")
+    elif c.tokenizer is None and not _is_token_index(c.dataset):
+        p.append(
+            f"dataset {c.dataset} is a raw corpus (no index.json): pass --tokenizer DIR to tokenize it, "
+            "or run 'albor prepare-data' first and pass its output"
+        )
     if c.tokenizer is not None and not c.tokenizer.is_dir():
         p.append(f"tokenizer {c.tokenizer} is not a directory: pass the directory holding vocab.json and merges.txt")
     if c.ds_config is not None and not c.ds_config.is_file():
         p.append(f"ds_config {c.ds_config} is not a file: pass a DeepSpeed JSON config, or omit --ds-config")
-    if c.output_dir.exists() and (c.output_dir / "metrics.jsonl").exists():
+    if c.output_dir.exists() and not c.output_dir.is_dir():
+        p.append(f"output_dir {c.output_dir} is a file: choose a directory for --output-dir")
+    elif c.output_dir.exists() and (c.output_dir / "metrics.jsonl").exists():
         p.append(f"output_dir {c.output_dir} already holds a run: choose a new --output-dir or remove the old one")
     from albor.model.config import PRESETS  # a plain dataclass table: cheap, no torch
 
     if c.model not in PRESETS:
         p.append(f"model {c.model!r} is not a known preset: choose one of {', '.join(sorted(PRESETS))}")
     return p
+
+
+def _is_token_index(dataset: Path) -> bool:
+    """An index.json (any .json file), or a directory holding one: what prepare-data writes."""
+    return (dataset.is_file() and dataset.suffix == ".json") or (dataset / "index.json").is_file()
 
 
 def _coerce(name: str, raw: Any, problems: list[str]) -> Any:

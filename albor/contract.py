@@ -94,13 +94,13 @@ class ContractAbort(Exception):
             "step": self.step,
             "epoch": self.epoch,
             "field": self.field,
-            "value": _json_number(self.value),
+            "value": json_number(self.value),
             "ranks": list(self.ranks),
         }
 
 
-def _json_number(value: float | None) -> float | str | None:
-    # JSON has no NaN/Inf; keep them readable instead of writing invalid JSON.
+def json_number(value: float | None) -> float | str | None:
+    """A float for JSON: NaN/Inf become their repr (JSON has neither), instead of invalid JSON."""
     if value is None or math.isfinite(value):
         return value
     return repr(value)

@@ -27,6 +27,7 @@ from albor.contract import (
     StepMetrics,
     check_non_divergence,
     check_numerical_stability,
+    json_number,
     perplexity,
 )
 from albor.errors import ExitCode
@@ -70,9 +71,13 @@ class OptimizerStateDigest(Protocol):
 
 
 class CheckpointWriter(Protocol):
-    """Writes ``artifact.checkpoint_path``; raises on failure, leaving older files intact."""
+    """Writes the epoch's checkpoint, then ``metadata`` to ``artifact.metadata_path`` last.
 
-    def save(self, epoch: int, artifact: EpochArtifact) -> None: ...
+    Raises :class:`CheckpointError` on failure (on every rank together), leaving no
+    file of this epoch behind and earlier epochs intact.
+    """
+
+    def save(self, epoch: int, artifact: EpochArtifact, metadata: Mapping[str, Any]) -> None: ...
 
 
 class CheckpointError(Exception):
@@ -108,9 +113,7 @@ class RunResult:
         return ExitCode.OK if self.target_met else ExitCode.TARGET_NOT_MET  # gate 003
 
     def to_dict(self) -> dict[str, Any]:
-        def num(x: float | None) -> float | str | None:
-            return x if x is None or math.isfinite(x) else repr(x)
-
+        num = json_number
         return {
             "status": self.status.value,
             "exit_code": int(self.exit_code),
@@ -200,13 +203,13 @@ class PretrainLoop:
                 field="step_applied",
                 ranks=result.flagged_ranks,
             )
-        wall_s = max(now - started, 1e-9)
+        wall_s = now - started  # a clock that stalls or runs backwards is caught by gate 008
         metrics = StepMetrics(
             step=step,
             train_loss=result.train_loss,
             grad_norm=result.grad_norm,
             lr=lr,
-            tokens_per_sec=result.tokens / wall_s,
+            tokens_per_sec=result.tokens / wall_s if wall_s > 0 else math.inf,
             gpu_util_pct=result.gpu_util_pct,
             wall_ms=wall_s * 1000.0,
         )
@@ -219,7 +222,14 @@ class PretrainLoop:
         record = {
             **dataclasses.asdict(metrics), "epoch": epoch, "tokens_seen": self.tokens_seen, "mfu": mfu, **result.extra,
         }
-        self.files.append_metrics(record)
+        try:
+            self.files.append_metrics(record)
+        except OSError as e:
+            # Only rank 0 writes, so only rank 0 can fail here: it stops, and its peers
+            # see a lost rank at their next collective; both end with RANK_FAILURE.
+            raise ContractAbort(
+                AbortReason.RANK_FAILURE, f"RANK_FAILURE at step {step}: cannot append to metrics.jsonl: {e}", step=step
+            ) from None
         if self.on_step is not None:
             self.on_step(record)
         return metrics, now
@@ -267,8 +277,13 @@ class PretrainLoop:
             grad_norm_max=grad_norm_max,
         )
         artifact = EpochArtifact.for_epoch(c.output_dir, epoch)
+        metadata = {
+            **{k: json_number(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(meta).items()},
+            "optimizer_state_sha_source": sha_source,
+            **self.metadata_extra,
+        }
         try:
-            self.checkpoint.save(epoch, artifact)
+            self.checkpoint.save(epoch, artifact, metadata)  # the metadata goes last: the completion marker
         except CheckpointError as e:
             raise ContractAbort(
                 AbortReason.CHECKPOINT_FAILED,
@@ -276,11 +291,6 @@ class PretrainLoop:
                 epoch=epoch,
                 step=self._step - 1,
             ) from None
-        # Metadata last: it is the marker that the epoch's checkpoint is complete.
-        self.files.write_json(
-            artifact.metadata_path,
-            {**_metadata_json(meta), "optimizer_state_sha_source": sha_source, **self.metadata_extra},
-        )
         self.epoch_metadata.append(meta)
         return meta
 
@@ -326,11 +336,8 @@ class PretrainLoop:
             target_val_loss=c.target_val_loss,
             abort=abort,
         )
-        self.files.write_json(self.files.status_path, result.to_dict())
+        try:
+            self.files.write_json(self.files.status_path, result.to_dict())
+        except OSError as e:  # the exit code still tells the truth
+            log.error("cannot write %s: %s", self.files.status_path, e)
         return result
-
-
-def _metadata_json(meta: EpochMetadata) -> dict[str, Any]:
-    d = dataclasses.asdict(meta)
-    # JSON cannot carry inf; a perplexity that overflowed is written as a string.
-    return {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file in the same directory, fsync, then rename.
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename.
 
     A crash leaves either the old file or the new one, never half of one.
     """
@@ -23,14 +23,18 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Atomic JSON write (see :func:`write_text_atomic`); NaN/Inf are refused, not written."""
+    write_text_atomic(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 
 class RunFiles:
@@ -65,7 +69,7 @@ class RunFiles:
 
     def write_text(self, name: str, text: str) -> None:
         if self.enabled:
-            (self.run_dir / name).write_text(text)
+            write_text_atomic(self.run_dir / name, text)
 
     def close(self) -> None:
         if self._metrics is not None:

@@ -1,4 +1,4 @@
-"""Per-rank hardware telemetry: GPU utilisation from NVML, and MFU.
+"""Per-rank hardware telemetry: GPU utilisation from NVML, and peak FLOP/s for MFU.
 
 NVML numbers GPUs physically and ignores ``CUDA_VISIBLE_DEVICES``, so a rank
 finds its handle by the UUID of its torch device, never by ``local_rank``.
@@ -15,12 +15,12 @@ log = logging.getLogger("albor")
 # Dense bf16 peak FLOP/s by device-name fragment, for MFU (torchtitan keeps a
 # similar table). Checked in order, so the more specific names come first.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989e12),
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),
     ("H800", 989e12),
     ("B200", 2250e12),
-    ("GH200", 989e12),
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
@@ -37,13 +37,6 @@ def peak_flops(device_name: str | None) -> float | None:
         if fragment in device_name:
             return flops
     return None
-
-
-def mfu(flops_per_token: float, tokens_per_sec: float, world_size: int, peak_per_device: float | None) -> float | None:
-    """Model FLOPs utilisation in [0, 1] (PaLM's definition), None without a known peak."""
-    if peak_per_device is None or world_size <= 0:
-        return None
-    return flops_per_token * tokens_per_sec / (peak_per_device * world_size)
 
 
 class GpuUtilization:

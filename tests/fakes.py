@@ -8,11 +8,13 @@ from pathlib import Path
 from albor.config import PretrainConfig
 from albor.contract import EpochArtifact
 from albor.loop import CheckpointError, StepResult
+from albor.run_files import write_json_atomic
 
 
 def loop_config(tmp: Path, **kw) -> PretrainConfig:
     """The seed's test config: 25 steps, 5 per epoch, finetune regime."""
     (tmp / "data").mkdir(parents=True, exist_ok=True)
+    (tmp / "data" / "index.json").write_text("{}")  # config validation only looks for it
     base = dict(
         dataset=tmp / "data", output_dir=tmp / "run", lr_max=1e-4, lr_min=1e-6, warmup_steps=2,
         total_steps=25, batch_size=2, seq_length=4, steps_per_epoch=5, seed=42, target_val_loss=2.2,
@@ -61,9 +63,10 @@ class RecordingCheckpoint:
         self.calls: list[tuple[int, Path]] = []
         self.fail_on = set(fail_on)
 
-    def save(self, epoch: int, artifact: EpochArtifact) -> None:
+    def save(self, epoch: int, artifact: EpochArtifact, metadata) -> None:
         if epoch in self.fail_on:
             raise CheckpointError(f"disk full writing {artifact.checkpoint_path.name}")
         artifact.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         artifact.checkpoint_path.write_bytes(b"ckpt")
+        write_json_atomic(artifact.metadata_path, metadata)
         self.calls.append((epoch, artifact.checkpoint_path))

@@ -19,6 +19,7 @@ FLAGS = [
 def data(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
+    (d / "index.json").write_text("{}")  # the config checks that it is there; opening it comes later
     return d
 
 
@@ -78,6 +79,7 @@ INVALID = [
     (["--mode", "pretrain"], "invalid choice"),
     (["--total-steps", "ten"], "invalid int value"),
     (["--model", "gpt-5"], "model 'gpt-5' is not a known preset"),
+    (["--seed", str(2**64)], "seed must be < 2**63"),
 ]
 
 
@@ -138,9 +140,9 @@ def test_existing_run_dir_is_not_overwritten(capsys, data, tmp_path):
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
 
 
-def test_subprocess_exit_code_and_single_line(tmp_path):
+def test_subprocess_exit_code_and_single_line(tmp_path, data):
     p = subprocess.run(
-        [sys.executable, "-m", "albor.pretrain", "--dataset", str(tmp_path), "--warmup-steps", "5000", "--dry-run"],
+        [sys.executable, "-m", "albor.pretrain", "--dataset", str(data), "--warmup-steps", "5000", "--dry-run"],
         capture_output=True, text=True,
     )
     assert p.returncode == 2 and p.stdout == ""
@@ -153,3 +155,18 @@ def test_console_script_dispatch(capsys, data):
     assert albor_main(["pretrain", "--dataset", str(data), "--dry-run", "--mode", "finetune"]) == 0
     assert "regime: finetune" in capsys.readouterr().out
     assert albor_main(["bogus"]) == 2
+
+
+def test_raw_corpus_needs_a_tokenizer(capsys, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("print(1)\n")
+    code, _, err = run(capsys, "--dataset", str(corpus), "--output-dir", str(tmp_path / "run"), "--dry-run")
+    assert code == ExitCode.USAGE and "is a raw corpus" in err and "--tokenizer" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_that_is_a_file(capsys, data, tmp_path):
+    (tmp_path / "run").write_text("x")
+    code, _, err = run(capsys, "--dataset", str(data), "--output-dir", str(tmp_path / "run"), "--dry-run")
+    assert code == ExitCode.USAGE and "is a file" in err and (tmp_path / "run").read_text() == "x"

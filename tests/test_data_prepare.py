@@ -131,7 +131,34 @@ def test_bad_jsonl_line(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert err.startswith("albor prepare-data: error: ") and err.count("\n") == 1
     assert f"{bad}:2" in err and needle in err
-    assert not (out / "index.json").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_failed_rerun_keeps_the_earlier_dataset(tmp_path: Path, tok_dir: Path, capsys) -> None:
+    make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "corpus" / "zz.jsonl").write_text("{not json\n")
+    assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(out)]) == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_output_dir_with_other_files_is_refused(tmp_path: Path, tok_dir: Path, capsys) -> None:
+    make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(out)]) == 2
+    assert "is not an albor dataset" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_bad_val_fraction_writes_nothing(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["--builtin", "python-stdlib", "--output", str(out), "--val-fraction", "1.5"]) == 2
+    assert not out.exists() and "--val-fraction 1.5" in capsys.readouterr().err
 
 
 def test_not_utf8(tmp_path: Path, tok_dir: Path, capsys) -> None:
@@ -166,9 +193,10 @@ def test_usage_errors(tmp_path: Path, tok_dir: Path, capsys, monkeypatch, args: 
 def test_unwritable_output_is_one_line(tmp_path: Path, tok_dir: Path, capsys) -> None:
     make_corpus(tmp_path / "corpus")
     (tmp_path / "out").write_text("a file where the output directory should go")
-    assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "out")]) == 3
+    assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("albor prepare-data: error:") and "out" in err and err.count("\n") == 1
+    assert (tmp_path / "out").read_text() == "a file where the output directory should go"
 
 
 def test_shard_cap_and_rerun_removes_stale_shards(tmp_path: Path, tok_dir: Path) -> None:

@@ -12,6 +12,7 @@ from albor.errors import ConfigError, ExitCode
 @pytest.fixture
 def cfg(tmp_path):
     (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "index.json").write_text("{}")
     return PretrainConfig(dataset=tmp_path / "data", output_dir=tmp_path / "run", model="tiny", batch_size=4, grad_clip=1.0)
 
 
@@ -98,6 +99,7 @@ def test_cli_refuses_before_any_process_group(tmp_path, capsys):
     from albor.pretrain import main
 
     (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "index.json").write_text("{}")
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({**BASE, "scheduler": {"type": "WarmupLR"}, "gradient_clipping": 3.0}))
     code = main(["--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"), "--model", "tiny", "--ds-config", str(ds)])

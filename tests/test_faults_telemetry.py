@@ -4,7 +4,7 @@ import pytest
 
 from albor.errors import ConfigError
 from albor.faults import FaultPlan, InjectedFault, fault_plan_from_env
-from albor.telemetry import GpuUtilization, mfu, peak_flops
+from albor.telemetry import GpuUtilization, peak_flops
 
 
 def test_fault_switch_is_off_by_default():
@@ -35,12 +35,8 @@ def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA GH200 480GB") == 989e12
     assert peak_flops(None) is None and peak_flops("cpu") is None
-
-
-def test_mfu():
-    assert mfu(6e9, 1e4, 2, 1e14) == pytest.approx(0.3)
-    assert mfu(6e9, 1e4, 2, None) is None
 
 
 def test_gpu_util_without_gpu_is_zero_and_says_why():

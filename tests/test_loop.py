@@ -106,7 +106,8 @@ def test_throughput_gate_008(tmp_path):
     assert result.exit_code == ExitCode.THROUGHPUT_OUT_OF_RANGE and result.abort.step == 0
 
 
-def test_same_seed_same_metrics(tmp_path):
+def test_loop_is_deterministic(tmp_path):
+    """The loop adds no randomness of its own (the real gate-006 test is in test_multirank)."""
     a, _ = make_loop(tmp_path / "a", target_val_loss=1.0)
     b, _ = make_loop(tmp_path / "b", target_val_loss=1.0)
     a.run(), b.run()
@@ -212,3 +213,43 @@ def test_non_finite_val_loss_is_numerical_instability(tmp_path, val):
 def test_epoch_zero_above_cap_aborts_with_its_own_code(tmp_path):
     result = make_loop(tmp_path, val=(31.99,))[0].run()
     assert result.exit_code == ExitCode.DIVERGENCE_AT_EPOCH_ZERO and result.epochs_completed == 0
+
+
+def test_clock_running_backwards_trips_gate_008(tmp_path):
+    ticks = iter([0.0, 1.0, 0.5] + [float(t) for t in range(2, 1000)])
+    config = loop_config(tmp_path)
+    loop = PretrainLoop(config, LinearDecay(), ScriptedVal((3.0,)), RecordingCheckpoint(), vocab_size=50257,
+                        files=RunFiles(config.output_dir, enabled=True), clock=lambda: next(ticks))
+    result = loop.run()
+    assert result.exit_code == ExitCode.THROUGHPUT_OUT_OF_RANGE and result.abort.step == 1
+    assert result.abort.field == "tokens_per_sec"
+
+
+def test_mfu_is_recorded_when_the_peak_is_known(tmp_path):
+    config = loop_config(tmp_path, target_val_loss=1.0)
+    ticks = iter(float(t) for t in range(10_000))  # one second a step
+    loop = PretrainLoop(config, LinearDecay(tokens=1000), ScriptedVal([3.0] * 5), RecordingCheckpoint(),
+                        vocab_size=50257, files=RunFiles(config.output_dir, enabled=True), clock=lambda: next(ticks),
+                        flops_per_token=6e6, peak_flops=1e10)
+    loop.run()
+    rows = read_jsonl(config.output_dir / "metrics.jsonl")
+    assert rows[0]["tokens_per_sec"] == 1000.0 and rows[0]["mfu"] == pytest.approx(0.6)
+    assert rows[0]["epoch"] == 0 and rows[0]["tokens_seen"] == 1000
+
+
+def test_mfu_is_null_without_a_peak(tmp_path):
+    loop, cfg = make_loop(tmp_path)
+    loop.run()
+    assert all(r["mfu"] is None for r in read_jsonl(cfg.output_dir / "metrics.jsonl"))
+
+
+def test_metrics_write_failure_is_a_rank_failure(tmp_path):
+    loop, cfg = make_loop(tmp_path)
+
+    def full(record):
+        raise OSError(28, "No space left on device")
+
+    loop.files.append_metrics = full
+    result = loop.run()
+    assert result.exit_code == ExitCode.RANK_FAILURE and "No space left" in result.abort.message
+    assert result.abort.step == 0

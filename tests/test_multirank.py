@@ -331,3 +331,35 @@ def test_torchrun_matches_deepspeed(ds_run, torchrun_run):
         assert torchrun_run.metadata(epoch)["world_size"] == RANKS
         assert torchrun_run.metadata(epoch)["optimizer_state_sha"] == ds_run.metadata(epoch)["optimizer_state_sha"]
     assert torchrun_run.status()["exit_code"] == 0 and torchrun_run.status()["target_met"] is True
+
+
+# ── the abort-together rule on harder paths ──────────────────────────────────
+
+
+def test_exception_with_many_zero_buckets_still_ends_fast(albor_launch, builtin_dataset, config_default_target, work):
+    """The failing rank's zero-gradient backward must fill the same ZeRO buckets as its peers'."""
+    ds = work / "small-buckets.json"
+    ds.write_text(
+        '{"zero_optimization": {"stage": 2, "reduce_bucket_size": 100000, "allgather_bucket_size": 100000},'
+        ' "steps_per_print": 1000000000}'
+    )
+    args = base_args(builtin_dataset, config_default_target) + ["--ds-config", str(ds)]
+    run = albor_launch("deepspeed", args, work / "raise-small-buckets", env={"ALBOR_FAULT": "raise:1:3"})
+    assert run.returncode == 14, run.tail()
+    assert run.elapsed < FAST_FAILURE_S, run.tail()
+    assert aborted_ranks(run.output) == {0: 14, 1: 14}, run.tail()
+    assert run.status()["abort"]["ranks"] == [1] and [r["step"] for r in run.metrics()] == [0, 1, 2]
+
+
+def test_checkpoint_failure_on_rank_0_stops_every_rank_with_5(albor_launch, builtin_dataset, config_default_target, work):
+    run_dir = work / "ckpt-fails"
+    (run_dir / "ckpt" / "epoch-000.apr").mkdir(parents=True)  # rank 0 cannot write its .apr there
+    run = albor_launch("deepspeed", base_args(builtin_dataset, config_default_target), run_dir)
+    assert run.returncode == 5, run.tail()
+    assert aborted_ranks(run.output) == {0: 5, 1: 5}, run.tail()
+    status = run.status()
+    assert status["reason"] == "checkpoint_failed" and status["abort"]["epoch"] == 0
+    assert "rank(s) 0" in status["abort"]["message"]
+    assert not (run_dir / "ckpt" / "epoch-000.metadata.json").exists()
+    assert not (run_dir / "ckpt" / "deepspeed" / "epoch-000").exists()  # rank 1's shard of it was removed too
+    assert len(run.metrics()) == PER_EPOCH

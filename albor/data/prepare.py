@@ -24,9 +24,11 @@ import json
 import os
 import queue
 import re
+import shutil
 import sys
+import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,27 +328,57 @@ def _set_workers(workers: int | None) -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+def _staged(output: Path, build: Callable[[Path], Path]) -> Path:
+    """Build the dataset in a staging directory beside ``output``, then swap it in.
+
+    A failure leaves ``output`` exactly as it was (an earlier dataset stays usable);
+    only a directory that is empty or holds an earlier dataset is ever replaced.
+    """
+    output = Path(output)
+    if output.exists() and not (output.is_dir() and (not any(output.iterdir()) or (output / INDEX_NAME).is_file())):
+        raise ConfigError(
+            f"--output {output} exists and is not an albor dataset; choose a new or empty directory"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
+    try:
+        build(staging)
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, old / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output / INDEX_NAME
+
+
 def run(args: argparse.Namespace) -> Path:
     _set_workers(args.workers)
     if args.shard_tokens < 1:
         raise ConfigError(f"--shard-tokens {args.shard_tokens} must be positive")
+    if args.val_fraction is not None and not 0.0 <= args.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction {args.val_fraction} is outside [0, 1); use e.g. 0.02")
     if args.builtin:
         if args.inputs or args.tokenizer:
             raise ConfigError("--builtin trains its own tokenizer on its own corpus; drop INPUT and --tokenizer")
         from albor.data.builtin import BUILTIN_VAL_FRACTION, prepare_builtin
 
-        return prepare_builtin(
-            args.builtin, args.output, vocab_size=args.vocab_size, max_bytes=args.max_bytes,
+        return _staged(args.output, lambda out: prepare_builtin(
+            args.builtin, out, vocab_size=args.vocab_size, max_bytes=args.max_bytes,
             val_fraction=BUILTIN_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
             shard_tokens=args.shard_tokens,
-        )
+        ))
     if not args.inputs:
         raise ConfigError("give corpus INPUT files/directories with --tokenizer DIR, or --builtin python-stdlib")
     if args.tokenizer is None:
         raise ConfigError("a raw corpus needs --tokenizer DIR (a directory with vocab.json + merges.txt)")
     val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
-    return prepare_corpus(args.inputs, args.tokenizer, args.output, val_fraction=val_fraction,
-                          shard_tokens=args.shard_tokens)
+    return _staged(args.output, lambda out: prepare_corpus(
+        args.inputs, args.tokenizer, out, val_fraction=val_fraction, shard_tokens=args.shard_tokens,
+    ))
 
 
 def main(argv: list[str] | None = None) -> int:

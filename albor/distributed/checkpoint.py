@@ -1,16 +1,19 @@
-"""Per-epoch checkpoints: the model as ``.apr`` plus DeepSpeed's sharded state for resuming.
+"""Per-epoch checkpoints: the model as ``.apr``, DeepSpeed's sharded state, then the metadata.
 
 Every rank calls :meth:`EpochCheckpoint.save` (DeepSpeed's save is collective).
-Rank 0 writes the ``.apr`` atomically; every rank writes its optimizer shard.
-The ranks then agree on success with one small all-reduce, so a failure on
-any rank stops every rank the same way, and the epoch's metadata (the
-completion marker, written by the loop afterwards) is never written for it.
+Rank 0 writes the ``.apr``, every rank its optimizer shard, and rank 0 then
+writes the metadata (the completion marker) and DeepSpeed's ``latest``. One
+small all-reduce afterwards tells every rank whether every part succeeded on
+every rank; if not, rank 0 removes what it wrote for this epoch and every rank
+raises :class:`CheckpointError` together. Earlier epochs are never touched,
+except that DeepSpeed states older than the last two are pruned.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from albor.data.loader import TrainLoader
 from albor.distributed.process_group import DistEnv
 from albor.loop import CheckpointError
 from albor.model import ModelConfig, to_hf_state_dict
+from albor.run_files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("albor")
 
@@ -58,39 +62,63 @@ class EpochCheckpoint:
         self.ds_dir = Path(run_dir) / "ckpt" / "deepspeed"
         self.seed = seed
 
-    def save(self, epoch: int, artifact: EpochArtifact) -> None:
+    def save(self, epoch: int, artifact: EpochArtifact, metadata: Mapping[str, Any]) -> None:
         tag = f"epoch-{epoch:03d}"
+        latest = self.ds_dir / "latest"
+        previous_latest = latest.read_text() if self.env.is_main and latest.is_file() else None
         error: str | None = None
         with self.env.patient():  # writing GBs can outlast the step timeout
-            try:
-                if self.env.is_main:
-                    artifact.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-                    tensors = to_hf_state_dict(self.engine.module)
-                    write_apr(artifact.checkpoint_path, tensors, apr_metadata(self.model_cfg, {"epoch": epoch}))
-            except Exception as e:  # disk full, permissions…: still join the collective save below
-                error = f"{type(e).__name__}: {e}"
-            try:
-                self.engine.save_checkpoint(
-                    str(self.ds_dir),
-                    tag=tag,
-                    client_state={
-                        "epoch": epoch,
-                        "seed": self.seed,
-                        "data_cursor": self.loader.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                    },
-                )
-            except Exception as e:
-                error = error or f"{type(e).__name__}: {e}"
+            if self.env.is_main:
+                error = _attempt(lambda: artifact.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)) or _attempt(lambda: write_apr(
+                    artifact.checkpoint_path, to_hf_state_dict(self.engine.module),
+                    apr_metadata(self.model_cfg, {"epoch": epoch}),
+                ))
+            # Every rank joins DeepSpeed's collective save, even after a local failure.
+            saved = _attempt(lambda: self.engine.save_checkpoint(
+                str(self.ds_dir), tag=tag, save_latest=False,
+                client_state={
+                    "epoch": epoch,
+                    "seed": self.seed,
+                    "data_cursor": self.loader.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            ))
+            error = error or saved
+            if self.env.is_main and error is None:
+                error = _attempt(lambda: (write_text_atomic(latest, tag), write_json_atomic(artifact.metadata_path, metadata)))
             failed = self.env.any_rank(error is not None)
         if failed:
             if error is not None:
                 log.error("rank %d: checkpoint for epoch %d failed: %s", self.env.rank, epoch, error)
+            if self.env.is_main:
+                self._undo(artifact, tag, previous_latest)
             raise CheckpointError(f"writing {tag} failed on rank(s) {', '.join(map(str, failed))}: {error or 'see that rank'}")
         if self.env.is_main:
             self._prune(keep=KEEP_DEEPSPEED_STATES)
+
+    def _undo(self, artifact: EpochArtifact, tag: str, previous_latest: str | None) -> None:
+        """Remove this epoch's files, so no half-written epoch looks complete."""
+        latest = self.ds_dir / "latest"
+        for undo in (
+            lambda: artifact.metadata_path.unlink(missing_ok=True),
+            lambda: artifact.checkpoint_path.unlink(missing_ok=True),
+            lambda: shutil.rmtree(self.ds_dir / tag, ignore_errors=True),
+            (lambda: write_text_atomic(latest, previous_latest)) if previous_latest is not None
+            else (lambda: latest.unlink(missing_ok=True)),
+        ):
+            if (problem := _attempt(undo)) is not None:  # the run stops anyway: report, go on undoing
+                log.error("cleaning up the failed epoch: %s", problem)
 
     def _prune(self, keep: int) -> None:
         tags = sorted(p for p in self.ds_dir.glob("epoch-*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _attempt(action) -> str | None:
+    """Run ``action``; the error as text instead of an exception (a vote follows)."""
+    try:
+        action()
+        return None
+    except Exception as e:  # disk full, permissions, a failed collective…
+        return f"{type(e).__name__}: {e}"

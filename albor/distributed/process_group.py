@@ -67,9 +67,16 @@ class DistEnv:
         return hashlib.sha256(b"".join(digests)).hexdigest()
 
     def set_timeout(self, seconds: float) -> None:
-        """Change the collective timeout of the default group from now on."""
-        if self.world_size > 1:
-            dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+        """Change the collective timeout of every group this rank is in, from now on.
+
+        Every group, not just the default one: ZeRO reduces and gathers on groups
+        DeepSpeed made itself, which otherwise keep torch's 10 or 30 minutes.
+        """
+        timeout = datetime.timedelta(seconds=seconds)
+        c10d = dist.distributed_c10d
+        for group in list(c10d._world.pg_map):
+            if not c10d._rank_not_in_group(group):
+                c10d._set_pg_timeout(timeout, group)
 
     @contextlib.contextmanager
     def patient(self) -> Iterator[None]:

@@ -77,9 +77,16 @@ class DeepSpeedStep:
         return loss, targets.numel()
 
     def _zero_loss(self) -> torch.Tensor:
-        # A rank whose forward failed still runs a backward, with zero gradients, so that
-        # its ZeRO reduce hooks join the same collectives as its peers and nobody hangs.
-        return sum((p * 0.0).sum() for p in self.engine.module.parameters())
+        """A zero loss through the same graph as a real step, on a batch of zeros.
+
+        A rank whose forward failed still runs this backward, so its ZeRO gradient
+        hooks fire in the same order and fill the same buckets as its peers'; any
+        other graph would reduce different buckets and hang the job. If this forward
+        fails too, the exception ends the rank and its peers see it as a lost rank.
+        """
+        shape = (self.loader.micro_batch, self.loader.seq_length)
+        zeros = torch.zeros(shape, dtype=torch.long, device=self.env.device)
+        return token_loss(self.engine(zeros), zeros) * 0.0
 
     def __call__(self, step: int, lr: float) -> StepResult:
         set_lr(self.engine, lr)
