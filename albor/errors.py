@@ -20,7 +20,7 @@ class ExitCode(enum.IntEnum):
     TARGET_NOT_MET = 4  # the run ended cleanly but final val_loss > target_val_loss (gate 003)
     CHECKPOINT_FAILED = 5  # an epoch checkpoint could not be written; the run stopped
     DIVERGENCE = 10  # gate 005: val_loss more than doubled between epochs
-    DIVERGENCE_AT_EPOCH_ZERO = 11  # gate 005: epoch-0 val_loss non-finite or above the regime cap
+    DIVERGENCE_AT_EPOCH_ZERO = 11  # gate 005: epoch-0 val_loss above the regime cap
     NUMERICAL_INSTABILITY = 12  # gate 007: NaN/Inf loss, grad norm, lr, val loss, or a skipped step
     THROUGHPUT_OUT_OF_RANGE = 13  # gate 008: tokens/s, GPU util or wall time out of range
     RANK_FAILURE = 14  # an exception on some rank, or a lost peer

@@ -30,7 +30,7 @@ from albor.distributed.engine import build_engine
 from albor.distributed.process_group import DistEnv, device_type, init_distributed, launched_world_size, shutdown
 from albor.distributed.step import DeepSpeedStep
 from albor.distributed.validation import DeepSpeedValidation
-from albor.errors import AlborError, ConfigError, ExitCode
+from albor.errors import AlborError, ConfigError, DataError, ExitCode
 from albor.faults import fault_plan_from_env
 from albor.loop import PretrainLoop, RunResult, RunStatus
 from albor.model import AlborLlama, flops_per_token, model_preset, num_parameters
@@ -80,17 +80,7 @@ def train(config: PretrainConfig) -> ExitCode:
     files: RunFiles | None = None
     loop: PretrainLoop | None = None
     try:
-        index_path = resolve_dataset(config.dataset, config.tokenizer, config.output_dir, log=log.info)
-        model_cfg = model_preset(config.model, vocab_size=index_vocab_size(index_path))
-        dataset = TokenDataset.open(index_path, vocab_size=model_cfg.vocab_size)
-        train_loader = TrainLoader(
-            dataset.split("train"), micro_batch=config.batch_size, seq_length=config.seq_length,
-            rank=env.rank, world_size=env.world_size, seed=config.seed,
-        )
-        val_loader = ValidationLoader(
-            dataset.split("val"), micro_batch=config.batch_size, seq_length=config.seq_length,
-            rank=env.rank, world_size=env.world_size, max_batches=config.val_batches,
-        )
+        model_cfg, dataset, train_loader, val_loader = _open_data(config, env)
 
         files = RunFiles(config.output_dir, enabled=env.is_main)
         files.write_text("config.yaml", config.to_yaml())
@@ -151,6 +141,35 @@ def train(config: PretrainConfig) -> ExitCode:
         if files is not None and files.enabled:
             files.write_json(files.status_path, _crash_status(e, env, loop, config, code))
         return code
+
+
+def _open_data(config: PretrainConfig, env: DistEnv):
+    """Dataset, model shape and loaders; every rank learns whether every rank succeeded.
+
+    A shard corrupted on one node's disk must not leave that node's ranks exiting
+    3 while the others wait in the next collective: one vote, the same error class.
+    """
+    error: AlborError | None = None
+    try:
+        index_path = resolve_dataset(config.dataset, config.tokenizer, config.output_dir, log=log.info)
+        model_cfg = model_preset(config.model, vocab_size=index_vocab_size(index_path))
+        dataset = TokenDataset.open(index_path, vocab_size=model_cfg.vocab_size)
+        train_loader = TrainLoader(
+            dataset.split("train"), micro_batch=config.batch_size, seq_length=config.seq_length,
+            rank=env.rank, world_size=env.world_size, seed=config.seed,
+        )
+        val_loader = ValidationLoader(
+            dataset.split("val"), micro_batch=config.batch_size, seq_length=config.seq_length,
+            rank=env.rank, world_size=env.world_size, max_batches=config.val_batches,
+        )
+    except AlborError as e:
+        error = e
+    failed = env.any_rank(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise DataError(f"the dataset could not be opened on rank(s) {', '.join(map(str, failed))}; see their error")
+    return model_cfg, dataset, train_loader, val_loader
 
 
 def _crash_status(e: Exception, env: DistEnv, loop: PretrainLoop | None, config: PretrainConfig, code: ExitCode) -> dict:

@@ -47,6 +47,7 @@ def test_accumulation_counts_in_train_batch_size(cfg):
         ({**BASE, "bf16": {"enabled": True, "check_grad_overflow": False}}, "check_grad_overflow is false"),
         ({**BASE, "fp16": {"enabled": True}}, "fp16 is enabled"),
         ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage 3"),
+        ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage 1"),
         ({**BASE, "gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer >= 1"),
     ],
 )
@@ -107,3 +108,23 @@ def test_cli_refuses_before_any_process_group(tmp_path, capsys):
     assert code == ExitCode.USAGE and err.count("\n") == 1
     assert "scheduler" in err and "gradient_clipping 3.0 != grad_clip 1.0" in err
     assert not (tmp_path / "run").exists() and not dist.is_initialized()
+
+
+def test_step_timeout_reaches_every_process_group():
+    """ZeRO reduces on groups DeepSpeed made itself: the short timeout must reach them too."""
+    import subprocess
+    import sys
+
+    code = """
+import datetime, torch, torch.distributed as dist
+from albor.distributed.process_group import init_distributed
+env = init_distributed()
+extra = dist.new_group([0])
+env.set_timeout(7)
+for group in (dist.group.WORLD, extra):
+    assert group._get_backend(torch.device("cpu")).options._timeout == datetime.timedelta(seconds=7)
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-2000:]

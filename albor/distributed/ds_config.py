@@ -16,7 +16,8 @@ from typing import Any
 from albor.config import PretrainConfig
 from albor.errors import ConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+#: Shipped inside the package (so a non-editable install has them); ./ds_configs links here.
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def default_ds_config_path(device_type: str, world_size: int) -> Path:
@@ -82,8 +83,9 @@ def resolve_ds_config(
     if "scheduler" in ds:
         problems.append("a DeepSpeed scheduler is set: the contract owns the learning-rate schedule, remove 'scheduler'")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2):
-        problems.append(f"zero_optimization.stage {stage}: albor runs ZeRO stage 2 (or 1); set stage to 2")
+    if stage != 2:
+        # The optimizer-state sha reads ZeRO-2's partitions; other stages lay the state out differently.
+        problems.append(f"zero_optimization.stage {stage}: albor runs ZeRO stage 2; set stage to 2")
     if ds.get("fp16", {}).get("enabled", False):
         problems.append("fp16 is enabled: its loss scaler skips steps by design, which the contract aborts on; use bf16")
     bf16 = ds.get("bf16", ds.get("bfloat16", {}))
