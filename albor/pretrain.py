@@ -7,6 +7,7 @@ or ``torchrun -m`` for several ranks; the code path is the same.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -79,4 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Every file is closed and synced by now. Skipping interpreter teardown keeps a
+    # communication thread of a rank whose peer already left from aborting the
+    # process (SIGABRT, "terminate called without an active exception") and so
+    # replacing the exit code every rank agreed on.
+    os._exit(exit_code)

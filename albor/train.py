@@ -130,7 +130,8 @@ def train(config: PretrainConfig) -> ExitCode:
         result = loop.run()
         _report(result, config)
         files.close()
-        shutdown()
+        if result.abort is None:  # every rank is alive and done; after an abort a peer may be gone
+            shutdown()
         return result.exit_code
     except AlborError:
         raise  # every rank meets the same bad input; pretrain.main prints it
