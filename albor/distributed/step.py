@@ -62,6 +62,9 @@ class DeepSpeedStep:
         self.gpu = gpu
         self.faults = faults
         self._buffer = torch.zeros(env.world_size * SLOTS, dtype=torch.float64, device=env.device)
+        self._host_row = torch.zeros(SLOTS, dtype=torch.float64)
+        if env.device.type == "cuda":
+            self._host_row = self._host_row.pin_memory()  # lets the copy into _buffer not block
         self._first_step_done = False
 
     def _micro_step(self, step: int, micro: int) -> tuple[torch.Tensor, int]:
@@ -107,23 +110,24 @@ class DeepSpeedStep:
             self.engine.step()
 
         applied = self.engine.was_step_applied()
-        norm = self.engine.get_global_grad_norm()  # tensor, float, or None before any step
-        norm_t = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float64, device=self.env.device)
-        flags = (
-            (~torch.isfinite(loss_sum)).double() * LOSS_NONFINITE
-            + ((~torch.isfinite(norm_t)) | (norm_t < 0)).double() * NORM_INVALID
-            + (0 if applied else STEP_SKIPPED)
-            + (0 if local_error is None else LOCAL_ERROR)
-        )
-        local = torch.stack([
-            loss_sum,
-            torch.tensor(float(tokens), dtype=torch.float64, device=self.env.device),
-            flags,
-            torch.tensor(self.gpu.read(), dtype=torch.float64, device=self.env.device),
-            norm_t,
-        ])
+        norm = self.engine.get_global_grad_norm()  # a tensor, a float, or None before any step
+        # Values the host knows go through one pinned staging row and a non-blocking copy;
+        # values still on the device are written in place. Nothing here waits for the
+        # device: the .tolist() after the all-reduce is the step's one host sync.
+        host = self._host_row
+        host[TOKENS] = tokens
+        host[GPU_UTIL] = self.gpu.read()
+        host[FLAGS] = (0 if applied else STEP_SKIPPED) + (0 if local_error is None else LOCAL_ERROR)
+        host[GRAD_NORM] = math.nan if norm is None else 0.0 if torch.is_tensor(norm) else float(norm)
         buf = self._buffer.zero_()
-        buf[self.env.rank * SLOTS : (self.env.rank + 1) * SLOTS] = local
+        row = buf[self.env.rank * SLOTS : (self.env.rank + 1) * SLOTS]
+        row.copy_(host, non_blocking=True)
+        if torch.is_tensor(norm):
+            row[GRAD_NORM] = norm
+        row[LOSS_SUM] = loss_sum
+        loss_bad = ~torch.isfinite(row[LOSS_SUM])
+        norm_bad = ~torch.isfinite(row[GRAD_NORM]) | (row[GRAD_NORM] < 0)
+        row[FLAGS] += loss_bad.double() * LOSS_NONFINITE + norm_bad.double() * NORM_INVALID
         self.env.all_reduce_sum_(buf)
         values = buf.tolist()  # the one host sync of the step
         rows = [values[r * SLOTS : (r + 1) * SLOTS] for r in range(self.env.world_size)]
