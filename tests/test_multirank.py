@@ -363,3 +363,23 @@ def test_checkpoint_failure_on_rank_0_stops_every_rank_with_5(albor_launch, buil
     assert not (run_dir / "ckpt" / "epoch-000.metadata.json").exists()
     assert not (run_dir / "ckpt" / "deepspeed" / "epoch-000").exists()  # rank 1's shard of it was removed too
     assert len(run.metrics()) == PER_EPOCH
+
+
+def test_gate_006_first_100_steps_identical_in_dev_mode(albor_launch, builtin_dataset, work):
+    """The contract's own horizon: 100 steps, same seed, ≤ 1e-6 (here: bit-identical)."""
+    cfg = work / "hundred.yaml"
+    cfg.write_text("val_batches: 1\ntarget_val_loss: 100.0\n")
+    args = [
+        "--dataset", str(builtin_dataset), "--model", "tiny", "--config", str(cfg), "--mode", "from-scratch",
+        "--total-steps", "100", "--steps-per-epoch", "100", "--batch-size", "2", "--seq-length", "64",
+        "--warmup-steps", "10", "--lr-max", "1e-3",
+    ]
+    a = albor_launch("python", args, work / "hundred-a")
+    b = albor_launch("python", args, work / "hundred-b")
+    assert a.returncode == b.returncode == 0, a.tail() + b.tail()
+    ma, mb = a.metrics(), b.metrics()
+    assert len(ma) == len(mb) == 100
+    for x, y in zip(ma, mb, strict=True):
+        assert (x["train_loss"], x["grad_norm"], x["lr"]) == (y["train_loss"], y["grad_norm"], y["lr"]), x["step"]
+    assert ma[-1]["train_loss"] < ma[0]["train_loss"]  # it trained: the comparison is not of constants
+    assert a.metadata(0)["optimizer_state_sha"] == b.metadata(0)["optimizer_state_sha"]
