@@ -73,18 +73,27 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from albor.train import train  # torch and deepspeed load only for a real run
 
-        return int(train(config))
+        code = int(train(config))
     except AlborError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return int(e.exit_code)
+        code = int(e.exit_code)
+    if "albor.train" in sys.modules and _process_group_alive():
+        # A real run ends the process here, whichever command started it. Every file is
+        # closed and synced; skipping interpreter teardown keeps a communication thread
+        # of a rank whose peer already left from aborting the process (SIGABRT,
+        # "terminate called without an active exception"), which would replace the
+        # exit code every rank agreed on.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _process_group_alive() -> bool:
+    from albor.distributed.process_group import is_initialized
+
+    return is_initialized()
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Every file is closed and synced by now. Skipping interpreter teardown keeps a
-    # communication thread of a rank whose peer already left from aborting the
-    # process (SIGABRT, "terminate called without an active exception") and so
-    # replacing the exit code every rank agreed on.
-    os._exit(exit_code)
+    sys.exit(main())

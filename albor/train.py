@@ -145,10 +145,11 @@ def train(config: PretrainConfig) -> ExitCode:
 
 
 def _open_data(config: PretrainConfig, env: DistEnv):
-    """Dataset, model shape and loaders; every rank learns whether every rank succeeded.
+    """Dataset, model shape and loaders; every rank learns how every rank fared.
 
     A shard corrupted on one node's disk must not leave that node's ranks exiting
-    3 while the others wait in the next collective: one vote, the same error class.
+    while the others wait in the next collective: one vote, then every rank raises
+    an error with the same exit code (the highest any rank met).
     """
     error: AlborError | None = None
     try:
@@ -165,11 +166,14 @@ def _open_data(config: PretrainConfig, env: DistEnv):
         )
     except AlborError as e:
         error = e
-    failed = env.any_rank(error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise DataError(f"the dataset could not be opened on rank(s) {', '.join(map(str, failed))}; see their error")
+    except Exception as e:  # unreadable file, out of memory…: still reach the vote
+        error = DataError(f"opening the dataset failed: {type(e).__name__}: {e}")
+    codes = [int(c) for c in env.per_rank(int(error.exit_code) if error is not None else 0)]
+    worst = max(codes)
+    if worst:
+        failed = ", ".join(str(r) for r, c in enumerate(codes) if c)
+        message = str(error) if error is not None else f"the dataset could not be opened on rank(s) {failed}"
+        raise (ConfigError if worst == ExitCode.USAGE else DataError)(message)
     return model_cfg, dataset, train_loader, val_loader
 
 

@@ -151,8 +151,31 @@ def test_output_dir_with_other_files_is_refused(tmp_path: Path, tok_dir: Path, c
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(out)]) == 2
-    assert "is not an albor dataset" in capsys.readouterr().err
+    assert "holds more than an albor dataset" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_notes_beside_an_earlier_dataset_are_not_deleted(tmp_path: Path, tok_dir: Path, capsys) -> None:
+    make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(out)]
+    assert main(args) == 0
+    (out / "NOTES.md").write_text("mine")
+    assert main(args) == 2 and "holds more than an albor dataset" in capsys.readouterr().err
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "index.json").is_file()
+
+
+def test_tokenizer_inside_the_output_is_refused(tmp_path: Path, tok_dir: Path, capsys) -> None:
+    import shutil
+
+    make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(out)]) == 0
+    shutil.copytree(tok_dir, out / "tokenizer")
+    before = sorted(p.name for p in out.iterdir())
+    assert main([str(tmp_path / "corpus"), "--tokenizer", str(out / "tokenizer"), "--output", str(out)]) == 2
+    assert "lies inside --output" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_bad_val_fraction_writes_nothing(tmp_path: Path, capsys) -> None:

@@ -383,3 +383,18 @@ def test_gate_006_first_100_steps_identical_in_dev_mode(albor_launch, builtin_da
         assert (x["train_loss"], x["grad_norm"], x["lr"]) == (y["train_loss"], y["grad_norm"], y["lr"]), x["step"]
     assert ma[-1]["train_loss"] < ma[0]["train_loss"]  # it trained: the comparison is not of constants
     assert a.metadata(0)["optimizer_state_sha"] == b.metadata(0)["optimizer_state_sha"]
+
+
+def test_checkpoint_failure_inside_deepspeeds_save_on_rank_1(albor_launch, builtin_dataset, config_default_target, work):
+    """Rank 1's optimizer shard cannot be written: DeepSpeed's own barriers must still line up."""
+    run_dir = work / "shard-fails"
+    shard = run_dir / "ckpt" / "deepspeed" / "epoch-000" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.mkdir(parents=True)  # a directory where rank 1's file must go
+    run = albor_launch("deepspeed", base_args(builtin_dataset, config_default_target), run_dir)
+    assert run.returncode == 5, run.tail()
+    assert run.elapsed < FAST_FAILURE_S, run.tail()
+    assert aborted_ranks(run.output) == {0: 5, 1: 5}, run.tail()
+    status = run.status()
+    assert status["reason"] == "checkpoint_failed" and "rank(s) 1" in status["abort"]["message"]
+    assert_no_epoch_zero_files(run_dir)
+    assert not (run_dir / "ckpt" / "deepspeed" / "epoch-000").exists()

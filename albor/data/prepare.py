@@ -328,17 +328,31 @@ def _set_workers(workers: int | None) -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _staged(output: Path, build: Callable[[Path], Path]) -> Path:
+def _is_replaceable_dataset(output: Path) -> bool:
+    """An empty directory, or one holding exactly what prepare-data writes, nothing of the user's."""
+    for entry in output.iterdir():
+        ours = entry.name == INDEX_NAME or _SHARD_RE.match(entry.name) or (entry.name == "tokenizer" and entry.is_dir())
+        if not ours:
+            return False
+    return True
+
+
+def _staged(output: Path, build: Callable[[Path], Path], *, keep_out: list[Path]) -> Path:
     """Build the dataset in a staging directory beside ``output``, then swap it in.
 
-    A failure leaves ``output`` exactly as it was (an earlier dataset stays usable);
-    only a directory that is empty or holds an earlier dataset is ever replaced.
+    A failure leaves ``output`` exactly as it was (an earlier dataset stays usable).
+    Only a directory that is empty or holds nothing but an earlier dataset is ever
+    replaced, and never one holding the inputs or the tokenizer of this very run.
     """
     output = Path(output)
-    if output.exists() and not (output.is_dir() and (not any(output.iterdir()) or (output / INDEX_NAME).is_file())):
-        raise ConfigError(
-            f"--output {output} exists and is not an albor dataset; choose a new or empty directory"
-        )
+    if output.exists():
+        if not (output.is_dir() and _is_replaceable_dataset(output)):
+            raise ConfigError(
+                f"--output {output} exists and holds more than an albor dataset; choose a new or empty directory"
+            )
+        for path in keep_out:
+            if path.resolve().is_relative_to(output.resolve()):
+                raise ConfigError(f"{path} lies inside --output {output}, which is replaced: move it or pick another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
     try:
@@ -346,8 +360,13 @@ def _staged(output: Path, build: Callable[[Path], Path]) -> Path:
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             os.replace(output, old / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(staging, output)
+            except BaseException:
+                os.replace(old / output.name, output)  # put the earlier dataset back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, output)
     finally:
@@ -370,7 +389,7 @@ def run(args: argparse.Namespace) -> Path:
             args.builtin, out, vocab_size=args.vocab_size, max_bytes=args.max_bytes,
             val_fraction=BUILTIN_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
             shard_tokens=args.shard_tokens,
-        ))
+        ), keep_out=[])
     if not args.inputs:
         raise ConfigError("give corpus INPUT files/directories with --tokenizer DIR, or --builtin python-stdlib")
     if args.tokenizer is None:
@@ -378,7 +397,7 @@ def run(args: argparse.Namespace) -> Path:
     val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
     return _staged(args.output, lambda out: prepare_corpus(
         args.inputs, args.tokenizer, out, val_fraction=val_fraction, shard_tokens=args.shard_tokens,
-    ))
+    ), keep_out=[*args.inputs, args.tokenizer])
 
 
 def main(argv: list[str] | None = None) -> int:

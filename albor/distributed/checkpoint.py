@@ -11,9 +11,10 @@ except that DeepSpeed states older than the last two are pruned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,34 +66,47 @@ class EpochCheckpoint:
     def save(self, epoch: int, artifact: EpochArtifact, metadata: Mapping[str, Any]) -> None:
         tag = f"epoch-{epoch:03d}"
         latest = self.ds_dir / "latest"
-        previous_latest = latest.read_text() if self.env.is_main and latest.is_file() else None
-        error: str | None = None
+        previous_latest: str | None = None
+        errors: list[str] = []
         with self.env.patient():  # writing GBs can outlast the step timeout
             if self.env.is_main:
-                error = _attempt(lambda: artifact.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)) or _attempt(lambda: write_apr(
-                    artifact.checkpoint_path, to_hf_state_dict(self.engine.module),
-                    apr_metadata(self.model_cfg, {"epoch": epoch}),
+                try:
+                    previous_latest = latest.read_text() if latest.is_file() else None
+                except OSError as e:
+                    errors.append(f"reading {latest}: {e}")
+                _record(errors, lambda: artifact.checkpoint_path.parent.mkdir(parents=True, exist_ok=True))
+                if not errors:
+                    _record(errors, lambda: write_apr(
+                        artifact.checkpoint_path, to_hf_state_dict(self.engine.module),
+                        apr_metadata(self.model_cfg, {"epoch": epoch}),
+                    ))
+            # Every rank joins DeepSpeed's collective save, even after a local failure; its
+            # own file writes record their errors instead of raising between its collectives.
+            with _writes_recorded(self.engine, errors):
+                _record(errors, lambda: self.engine.save_checkpoint(
+                    str(self.ds_dir), tag=tag, save_latest=False,
+                    client_state={
+                        "epoch": epoch,
+                        "seed": self.seed,
+                        "data_cursor": self.loader.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                    },
                 ))
-            # Every rank joins DeepSpeed's collective save, even after a local failure.
-            saved = _attempt(lambda: self.engine.save_checkpoint(
-                str(self.ds_dir), tag=tag, save_latest=False,
-                client_state={
-                    "epoch": epoch,
-                    "seed": self.seed,
-                    "data_cursor": self.loader.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                },
-            ))
-            error = error or saved
-            if self.env.is_main and error is None:
-                error = _attempt(lambda: (write_text_atomic(latest, tag), write_json_atomic(artifact.metadata_path, metadata)))
-            failed = self.env.any_rank(error is not None)
+            if self.env.is_main and not errors:
+                _record(errors, lambda: (write_text_atomic(latest, tag), write_json_atomic(artifact.metadata_path, metadata)))
+            try:
+                failed = self.env.any_rank(bool(errors))
+            except BaseException:  # a peer died mid-save: nothing of this epoch may look complete
+                if self.env.is_main:
+                    self._undo(artifact, tag, previous_latest)
+                raise
         if failed:
-            if error is not None:
+            error = "; ".join(errors) or "see that rank's log"
+            if errors:
                 log.error("rank %d: checkpoint for epoch %d failed: %s", self.env.rank, epoch, error)
             if self.env.is_main:
                 self._undo(artifact, tag, previous_latest)
-            raise CheckpointError(f"writing {tag} failed on rank(s) {', '.join(map(str, failed))}: {error or 'see that rank'}")
+            raise CheckpointError(f"writing {tag} failed on rank(s) {', '.join(map(str, failed))}: {error}")
         if self.env.is_main:
             self._prune(keep=KEEP_DEEPSPEED_STATES)
 
@@ -122,3 +136,44 @@ def _attempt(action) -> str | None:
         return None
     except Exception as e:  # disk full, permissions, a failed collective…
         return f"{type(e).__name__}: {e}"
+
+
+def _record(errors: list[str], action) -> None:
+    if (problem := _attempt(action)) is not None:
+        errors.append(problem)
+
+
+class _RecordingIO:
+    """DeepSpeed's checkpoint engine, with failed writes recorded instead of raised."""
+
+    def __init__(self, inner, errors: list[str]) -> None:
+        self._inner, self._errors = inner, errors
+
+    def save(self, state_dict, path) -> None:
+        _record(self._errors, lambda: self._inner.save(state_dict, path))
+
+    def makedirs(self, path, exist_ok=False) -> None:
+        _record(self._errors, lambda: self._inner.makedirs(path, exist_ok=exist_ok))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def _writes_recorded(engine, errors: list[str]) -> Iterator[None]:
+    """During ``engine.save_checkpoint``: file errors are recorded, not raised.
+
+    DeepSpeed's save runs collectives (barriers, a tag check) between its file
+    writes. A write that raised on one rank would skip the rest and leave its
+    peers waiting in a barrier until the timeout; recorded, it lets every rank
+    finish the same collectives and reach albor's vote.
+    """
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _RecordingIO(inner, errors)
+    copy_scripts = engine._copy_recovery_script
+    engine._copy_recovery_script = lambda path: _record(errors, lambda: copy_scripts(path))
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
+        del engine._copy_recovery_script  # the instance attribute; the method shows through again

@@ -51,12 +51,15 @@ class DistEnv:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def any_rank(self, flag: bool) -> list[int]:
-        """The ranks where ``flag`` is true, known to every rank (one small all-reduce)."""
+    def per_rank(self, value: float) -> list[float]:
+        """Every rank's ``value``, in rank order, known to every rank (one small all-reduce)."""
         slots = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
-        slots[self.rank] = float(flag)
-        self.all_reduce_sum_(slots)
-        return [r for r, v in enumerate(slots.tolist()) if v]
+        slots[self.rank] = value  # own slot only: the SUM is exact and acts as a gather
+        return self.all_reduce_sum_(slots).tolist()
+
+    def any_rank(self, flag: bool) -> list[int]:
+        """The ranks where ``flag`` is true, known to every rank."""
+        return [r for r, v in enumerate(self.per_rank(float(flag))) if v]
 
     def combined_digest(self, digest: bytes) -> str:
         """sha256 over every rank's 32-byte digest, in rank order."""
@@ -109,6 +112,10 @@ def init_distributed() -> DistEnv:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group made above
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def is_initialized() -> bool:
+    return dist.is_initialized()
 
 
 def shutdown() -> None:
