@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Pretrain an albor model under the training contract (C-TRAIN-PRETRAIN v1.5).",
         epilog="Flags override --config values, which override --mode presets. "
-        "Exit codes: 0 ok, 2 usage, 3 data, 4 target missed, 5 checkpoint failed, "
+        "Exit codes: 0 ok, 1 internal error, 2 usage, 3 data, 4 target missed, 5 checkpoint failed, "
         "10 divergence, 11 divergence at epoch 0, 12 numerical instability, "
         "13 throughput out of range, 14 rank failure.",
     )
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-max", type=float)
     p.add_argument("--lr-min", type=float)
     p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit 0")
+    p.add_argument("--dry-run", action="store_true", help="validate everything but the dataset's shards, print the resolved config, exit 0")
     # deepspeed's launcher appends --local_rank=N; the rank really comes from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             mode=args.mode, file_values=file_values, flags={k: getattr(args, k) for k in FLAG_FIELDS}
         )
         if args.dry_run:
-            sys.stdout.write(config.to_yaml())
-            return 0
+            return _dry_run(config)
         from albor.train import train  # torch and deepspeed load only for a real run
 
         code = int(train(config))
@@ -87,6 +86,20 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _dry_run(config) -> int:
+    """Every check a real run makes before its process group, then the resolved config."""
+    from albor.distributed.process_group import device_type, launched_world_size
+    from albor.preflight import preflight
+
+    checked = preflight(config, world_size=launched_world_size(), device_type=device_type())
+    sys.stdout.write(config.to_yaml())
+    sys.stdout.write(
+        f"# DeepSpeed config: {checked.ds_config_path} (for {checked.device_type}, world size {checked.world_size})\n"
+        "# not checked by a dry run: the dataset's shards (read when a run opens them)\n"
+    )
+    return 0
 
 
 def _process_group_alive() -> bool:

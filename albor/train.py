@@ -20,31 +20,19 @@ from albor.contract import AbortReason, ContractAbort
 from albor.data.loader import TokenDataset, TrainLoader, ValidationLoader, index_vocab_size
 from albor.data.resolve import resolve_dataset
 from albor.distributed.checkpoint import EpochCheckpoint
-from albor.distributed.ds_config import (
-    default_ds_config_path,
-    load_ds_config,
-    resolve_ds_config,
-    uses_bf16,
-)
+from albor.distributed.ds_config import uses_bf16
 from albor.distributed.engine import build_engine
 from albor.distributed.process_group import DistEnv, device_type, init_distributed, launched_world_size, shutdown
 from albor.distributed.step import DeepSpeedStep
 from albor.distributed.validation import DeepSpeedValidation
 from albor.errors import AlborError, ConfigError, DataError, ExitCode
-from albor.faults import fault_plan_from_env
 from albor.loop import PretrainLoop, RunResult, RunStatus
 from albor.model import AlborLlama, flops_per_token, model_preset, num_parameters
+from albor.preflight import preflight
 from albor.run_files import RunFiles
 from albor.telemetry import GpuUtilization, peak_flops
 
 log = logging.getLogger("albor")
-
-
-def _cpu_bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _gpu_identity(env: DistEnv) -> tuple[str | None, str | None]:
@@ -57,18 +45,8 @@ def _gpu_identity(env: DistEnv) -> tuple[str | None, str | None]:
 
 def train(config: PretrainConfig) -> ExitCode:
     """Run training under the contract; every rank returns the same exit code."""
-    faults = fault_plan_from_env()
-    world, dev = launched_world_size(), device_type()
-    ds_path = config.ds_config or default_ds_config_path(dev, world)
-    ds = resolve_ds_config(
-        load_ds_config(ds_path), config, world_size=world, device_type=dev,
-        bf16_supported=_cpu_bf16_supported(), source=str(ds_path),
-    )
-    max_positions = model_preset(config.model).max_position_embeddings
-    if config.seq_length > max_positions:
-        raise ConfigError(
-            f"seq_length {config.seq_length} > the {config.model} model's max positions {max_positions}: lower --seq-length"
-        )
+    checked = preflight(config, world_size=launched_world_size(), device_type=device_type())
+    faults, ds, ds_path = checked.faults, checked.ds_config, checked.ds_config_path
 
     # DeepSpeed's ZeRO still calls a torch collective that torch has deprecated; the warning
     # (one per rank) says nothing an albor user can act on.
@@ -95,7 +73,7 @@ def train(config: PretrainConfig) -> ExitCode:
         peak = peak_flops(device_name)
         grad_accumulation = ds["gradient_accumulation_steps"]
         log.info(
-            "albor: %s (%s params, %s with the tied head) | world %d on %s%s | %s | tokens/step %d | %d epochs of %d steps",
+            "albor: %s (%s params, %s with the tied head) | world %d on %s%s | %s | tokens/step %d | %d epoch(s) of %d steps",
             config.model, f"{num_parameters(model_cfg, count_tied_head=False):,}",
             f"{num_parameters(model_cfg, count_tied_head=True):,}", env.world_size, device_name or "cpu",
             " (bf16)" if uses_bf16(ds) else " (fp32)", ds_path.name,

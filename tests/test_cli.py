@@ -170,3 +170,22 @@ def test_output_dir_that_is_a_file(capsys, data, tmp_path):
     (tmp_path / "run").write_text("x")
     code, _, err = run(capsys, "--dataset", str(data), "--output-dir", str(tmp_path / "run"), "--dry-run")
     assert code == ExitCode.USAGE and "is a file" in err and (tmp_path / "run").read_text() == "x"
+
+
+def test_dry_run_checks_what_a_real_run_checks_before_its_process_group(capsys, data, tmp_path, monkeypatch):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}, "fp16": {"enabled": true}}')
+    code, out, err = run(capsys, "--dataset", str(data), "--ds-config", str(ds), "--dry-run")
+    assert code == ExitCode.USAGE and "stage 3" in err and "fp16" in err and out == ""
+    code, _, err = run(capsys, "--dataset", str(data), "--model", "tiny", "--seq-length", "5000", "--dry-run")
+    assert code == ExitCode.USAGE and "max positions 1024" in err
+    monkeypatch.setenv("ALBOR_FAULT", "nan:0")
+    code, _, err = run(capsys, "--dataset", str(data), "--dry-run")
+    assert code == ExitCode.USAGE and "ALBOR_FAULT" in err
+
+
+def test_dry_run_names_the_deepspeed_config_it_would_use(capsys, data):
+    cfg = resolved(capsys, "--dataset", str(data))  # a YAML comment line does not change the mapping
+    assert cfg["ds_config"] is None
+    code, out, _ = run(capsys, "--dataset", str(data), "--dry-run")
+    assert "# DeepSpeed config: " in out and "zero2-cpu-fp32.json" in out

@@ -315,3 +315,22 @@ def test_resolve_errors(tmp_path: Path, tok_dir: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .txt"):
         resolve_dataset(tmp_path / "empty", tok_dir, tmp_path / "run", log=print)
+
+
+def test_vocab_size_without_builtin_is_refused(tmp_path: Path, tok_dir: Path, capsys) -> None:
+    make_corpus(tmp_path / "corpus")
+    code = main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "o"), "--vocab-size", "100"])
+    assert code == 2 and "--builtin only" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_dataset_directory_is_readable_by_others(tmp_path: Path, tok_dir: Path) -> None:
+    import os
+    import stat
+
+    make_corpus(tmp_path / "corpus")
+    old = os.umask(0o022)
+    try:
+        assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "o")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "o").stat().st_mode) == 0o755

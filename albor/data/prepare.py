@@ -310,10 +310,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
                    help="tokens per shard file at most (default %(default)s)")
     p.add_argument("--builtin", choices=sorted(BUILTINS), help="use a built-in corpus instead of INPUT files")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, metavar="V",
-                   help="with --builtin: BPE vocabulary to train (default %(default)s)")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="N",
-                   help="with --builtin: cap on source bytes collected (default %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=None, metavar="V",
+                   help=f"with --builtin: BPE vocabulary to train (default {DEFAULT_VOCAB_SIZE})")
+    p.add_argument("--max-bytes", type=int, default=None, metavar="N",
+                   help=f"with --builtin: cap on source bytes collected (default {DEFAULT_MAX_BYTES})")
     return p
 
 
@@ -326,6 +326,12 @@ def _set_workers(workers: int | None) -> None:
     os.environ["RAYON_NUM_THREADS"] = str(workers)
     if workers == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _is_replaceable_dataset(output: Path) -> bool:
@@ -356,6 +362,7 @@ def _staged(output: Path, build: Callable[[Path], Path], *, keep_out: list[Path]
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the dataset is for the whole team
         build(staging)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
@@ -383,13 +390,17 @@ def run(args: argparse.Namespace) -> Path:
     if args.builtin:
         if args.inputs or args.tokenizer:
             raise ConfigError("--builtin trains its own tokenizer on its own corpus; drop INPUT and --tokenizer")
-        from albor.data.builtin import BUILTIN_VAL_FRACTION, prepare_builtin
+        from albor.data.builtin import BUILTIN_VAL_FRACTION, DEFAULT_MAX_BYTES, DEFAULT_VOCAB_SIZE, prepare_builtin
 
+        vocab_size = DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size
+        max_bytes = DEFAULT_MAX_BYTES if args.max_bytes is None else args.max_bytes
         return _staged(args.output, lambda out: prepare_builtin(
-            args.builtin, out, vocab_size=args.vocab_size, max_bytes=args.max_bytes,
+            args.builtin, out, vocab_size=vocab_size, max_bytes=max_bytes,
             val_fraction=BUILTIN_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
             shard_tokens=args.shard_tokens,
         ), keep_out=[])
+    if args.vocab_size is not None or args.max_bytes is not None:
+        raise ConfigError("--vocab-size and --max-bytes apply to --builtin only; a corpus uses --tokenizer's vocabulary")
     if not args.inputs:
         raise ConfigError("give corpus INPUT files/directories with --tokenizer DIR, or --builtin python-stdlib")
     if args.tokenizer is None:

@@ -1,0 +1,52 @@
+"""Checks that need no process group and no model: shared by a real run and ``--dry-run``.
+
+The config itself is validated at construction; this adds what depends on the
+machine and the launcher: the DeepSpeed config against the world size and the
+device, the fault-drill switch, and the sequence length against the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from albor.config import PretrainConfig
+from albor.distributed.ds_config import default_ds_config_path, load_ds_config, resolve_ds_config
+from albor.errors import ConfigError
+from albor.faults import FaultPlan, fault_plan_from_env
+from albor.model import model_preset
+
+
+@dataclasses.dataclass(frozen=True)
+class Preflight:
+    faults: FaultPlan | None
+    ds_config: dict[str, Any]
+    ds_config_path: Path
+    world_size: int
+    device_type: str
+
+
+def _cpu_bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def preflight(config: PretrainConfig, *, world_size: int, device_type: str) -> Preflight:
+    """Everything checkable before the process group; raises ConfigError (exit 2)."""
+    faults = fault_plan_from_env()
+    ds_path = config.ds_config or default_ds_config_path(device_type, world_size)
+    ds = resolve_ds_config(
+        load_ds_config(ds_path), config, world_size=world_size, device_type=device_type,
+        bf16_supported=_cpu_bf16_supported(), source=str(ds_path),
+    )
+    max_positions = model_preset(config.model).max_position_embeddings
+    if config.seq_length > max_positions:
+        raise ConfigError(
+            f"seq_length {config.seq_length} > the {config.model} model's max positions {max_positions}: lower --seq-length"
+        )
+    return Preflight(faults, ds, ds_path, world_size, device_type)
