@@ -18,7 +18,8 @@ from pathlib import Path
 from tokenizers import ByteLevelBPETokenizer
 
 from albor.data.prepare import Document, tokenize_documents
-from albor.data.shards import DEFAULT_SHARD_TOKENS, write_atomic
+from albor.atomic_files import write_bytes_atomic
+from albor.data.shards import DEFAULT_SHARD_TOKENS
 from albor.data.tokenizer import EOS_TOKEN, MERGES_FILE, VOCAB_FILE, load_tokenizer
 from albor.errors import ConfigError, DataError
 
@@ -78,7 +79,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, directory: Path) -> None:
     try:
         bpe.save_model(str(staging))
         for name in (VOCAB_FILE, MERGES_FILE):
-            write_atomic(directory / name, (staging / name).read_bytes())
+            write_bytes_atomic(directory / name, (staging / name).read_bytes())
     finally:
         for p in staging.iterdir():
             p.unlink()

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from albor.atomic_files import current_umask
 from albor.data.shards import (
     DEFAULT_SHARD_TOKENS,
     INDEX_NAME,
@@ -328,12 +329,6 @@ def _set_workers(workers: int | None) -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _is_replaceable_dataset(output: Path) -> bool:
     """An empty directory, or one holding exactly what prepare-data writes, nothing of the user's."""
     for entry in output.iterdir():
@@ -362,7 +357,7 @@ def _staged(output: Path, build: Callable[[Path], Path], *, keep_out: list[Path]
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the dataset is for the whole team
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; the dataset is for the whole team
         build(staging)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))

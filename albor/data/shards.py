@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from albor.atomic_files import write_bytes_atomic
 from albor.errors import DataError
 
 MAGIC = b"ALBORTOK"
@@ -122,13 +123,6 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    _fsync_replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -236,5 +230,5 @@ def build_index(
 
 def write_index(directory: Path, index: dict[str, Any]) -> Path:
     path = directory / INDEX_NAME
-    write_atomic(path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
     return path

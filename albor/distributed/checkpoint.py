@@ -26,7 +26,7 @@ from albor.data.loader import TrainLoader
 from albor.distributed.process_group import DistEnv
 from albor.loop import CheckpointError
 from albor.model import ModelConfig, to_hf_state_dict
-from albor.run_files import write_json_atomic, write_text_atomic
+from albor.atomic_files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("albor")
 
@@ -93,7 +93,8 @@ class EpochCheckpoint:
                     },
                 ))
             if self.env.is_main and not errors:
-                _record(errors, lambda: (write_text_atomic(latest, tag), write_json_atomic(artifact.metadata_path, metadata)))
+                _record(errors, lambda: write_text_atomic(latest, tag))
+                _record(errors, lambda: write_json_atomic(artifact.metadata_path, metadata))
             try:
                 failed = self.env.any_rank(bool(errors))
             except BaseException:  # a peer died mid-save: nothing of this epoch may look complete
