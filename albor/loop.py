@@ -169,7 +169,6 @@ class PretrainLoop:
         self.epoch_metadata: list[EpochMetadata] = []
         self.val_losses: list[float] = []
         self.tokens_seen = 0
-        self._step = 0
         self._best = math.inf
         self._epochs_without_improvement = 0
 
@@ -246,7 +245,6 @@ class PretrainLoop:
         grad_norm_max = 0.0
         for step in range(first, last):
             m, started = self.train_step(step, epoch, started)
-            self._step = step + 1
             losses.append(m.train_loss)
             grad_norm_max = max(grad_norm_max, m.grad_norm)
 
@@ -258,7 +256,7 @@ class PretrainLoop:
                 epoch=epoch, step=last - 1, field="val_loss", value=val_loss,
             )
         self.val_losses.append(val_loss)
-        check_non_divergence(epoch, self.val_losses, c.regime, self.vocab_size)  # gate 005 (and 007 on val_loss)
+        check_non_divergence(epoch, self.val_losses, c.regime, self.vocab_size)  # gate 005
 
         if isinstance(self.step_fn, OptimizerStateDigest):
             sha, sha_source = self.step_fn.optimizer_state_sha(), "optimizer"
@@ -289,7 +287,7 @@ class PretrainLoop:
                 AbortReason.CHECKPOINT_FAILED,
                 f"CHECKPOINT_FAILED at epoch {epoch}: {e}; earlier checkpoints are intact, the run stopped",
                 epoch=epoch,
-                step=self._step - 1,
+                step=last - 1,
             ) from None
         self.epoch_metadata.append(meta)
         return meta

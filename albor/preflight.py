@@ -15,6 +15,7 @@ import torch
 
 from albor.config import PretrainConfig
 from albor.distributed.ds_config import default_ds_config_path, load_ds_config, resolve_ds_config
+from albor.distributed.process_group import device_type, launched_world_size
 from albor.errors import ConfigError
 from albor.faults import FaultPlan, fault_plan_from_env
 from albor.model import model_preset
@@ -36,12 +37,13 @@ def _cpu_bf16_supported() -> bool:
         return False
 
 
-def preflight(config: PretrainConfig, *, world_size: int, device_type: str) -> Preflight:
+def preflight(config: PretrainConfig) -> Preflight:
     """Everything checkable before the process group; raises ConfigError (exit 2)."""
     faults = fault_plan_from_env()
-    ds_path = config.ds_config or default_ds_config_path(device_type, world_size)
+    world_size, device = launched_world_size(), device_type()
+    ds_path = config.ds_config or default_ds_config_path(device, world_size)
     ds = resolve_ds_config(
-        load_ds_config(ds_path), config, world_size=world_size, device_type=device_type,
+        load_ds_config(ds_path), config, world_size=world_size, device_type=device,
         bf16_supported=_cpu_bf16_supported(), source=str(ds_path),
     )
     max_positions = model_preset(config.model).max_position_embeddings
@@ -49,4 +51,4 @@ def preflight(config: PretrainConfig, *, world_size: int, device_type: str) -> P
         raise ConfigError(
             f"seq_length {config.seq_length} > the {config.model} model's max positions {max_positions}: lower --seq-length"
         )
-    return Preflight(faults, ds, ds_path, world_size, device_type)
+    return Preflight(faults, ds, ds_path, world_size, device)

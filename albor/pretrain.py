@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dry_run(config) -> int:
     """Every check a real run makes before its process group, then the resolved config."""
-    from albor.distributed.process_group import device_type, launched_world_size
     from albor.preflight import preflight
 
-    checked = preflight(config, world_size=launched_world_size(), device_type=device_type())
+    checked = preflight(config)
     sys.stdout.write(config.to_yaml())
     sys.stdout.write(
         f"# DeepSpeed config: {checked.ds_config_path} (for {checked.device_type}, world size {checked.world_size})\n"

@@ -7,7 +7,6 @@ nothing and leaves nothing on disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import traceback
 import warnings
@@ -22,7 +21,7 @@ from albor.data.resolve import resolve_dataset
 from albor.distributed.checkpoint import EpochCheckpoint
 from albor.distributed.ds_config import uses_bf16
 from albor.distributed.engine import build_engine
-from albor.distributed.process_group import DistEnv, device_type, init_distributed, launched_world_size, shutdown
+from albor.distributed.process_group import DistEnv, init_distributed, shutdown
 from albor.distributed.step import DeepSpeedStep
 from albor.distributed.validation import DeepSpeedValidation
 from albor.errors import AlborError, ConfigError, DataError, ExitCode
@@ -45,7 +44,7 @@ def _gpu_identity(env: DistEnv) -> tuple[str | None, str | None]:
 
 def train(config: PretrainConfig) -> ExitCode:
     """Run training under the contract; every rank returns the same exit code."""
-    checked = preflight(config, world_size=launched_world_size(), device_type=device_type())
+    checked = preflight(config)
     faults, ds, ds_path = checked.faults, checked.ds_config, checked.ds_config_path
 
     # DeepSpeed's ZeRO still calls a torch collective that torch has deprecated; the warning
@@ -158,7 +157,7 @@ def _open_data(config: PretrainConfig, env: DistEnv):
 def _crash_status(e: Exception, env: DistEnv, loop: PretrainLoop | None, config: PretrainConfig, code: ExitCode) -> dict:
     """status.json for an exception that escaped the loop, on rank 0."""
     text = str(e)
-    peer_lost = "closed by peer" in text or "Timed out" in text or "timed out" in text.lower()
+    peer_lost = "closed by peer" in text or "timed out" in text.lower()  # gloo's and NCCL's words for it
     if peer_lost:  # rank 0 only saw the symptom; the dead rank is not known here
         message, ranks = f"lost a peer rank during a collective ({type(e).__name__}: {text})", []
     else:
@@ -182,9 +181,8 @@ def _report(result: RunResult, config: PretrainConfig) -> None:
         log.error("ABORTED (exit %d): %s", result.exit_code, result.abort.message)
     else:
         log.info(
-            "finished: %s after %d epochs | final val_loss %.4f | target %.2f %s (exit %d)",
-            result.status.value, result.epochs_completed, result.final_val_loss or float("nan"),
+            "finished: %s after %d epoch(s) | final val_loss %.4f | target %.2f %s (exit %d)",
+            result.status.value, result.epochs_completed, result.final_val_loss,
             config.target_val_loss, "met" if result.target_met else "missed", result.exit_code,
         )
     log.info("run directory: %s (metrics.jsonl, ckpt/, status.json)", config.output_dir)
-    log.debug("status: %s", json.dumps(result.to_dict()))

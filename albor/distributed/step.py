@@ -95,16 +95,16 @@ class DeepSpeedStep:
         set_lr(self.engine, lr)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         tokens = 0
-        local_error: str | None = None
+        failed = False
         for micro in range(self.grad_accumulation):
             loss = None
-            if local_error is None:
+            if not failed:
                 try:
                     loss, n = self._micro_step(step, micro)
                     loss_sum += loss.detach().double() * n
                     tokens += n
-                except Exception as e:  # caught outside any collective: report it through the flags
-                    local_error = f"{type(e).__name__}: {e}"
+                except Exception:  # caught outside any collective: reported through the flags
+                    failed = True
                     log.error("rank %d: exception at step %d:\n%s", self.env.rank, step, traceback.format_exc())
             self.engine.backward(loss if loss is not None else self._zero_loss())
             self.engine.step()
@@ -117,7 +117,7 @@ class DeepSpeedStep:
         host = self._host_row
         host[TOKENS] = tokens
         host[GPU_UTIL] = self.gpu.read()
-        host[FLAGS] = (0 if applied else STEP_SKIPPED) + (0 if local_error is None else LOCAL_ERROR)
+        host[FLAGS] = (0 if applied else STEP_SKIPPED) + (LOCAL_ERROR if failed else 0)
         host[GRAD_NORM] = math.nan if norm is None else 0.0 if torch.is_tensor(norm) else float(norm)
         buf = self._buffer.zero_()
         row = buf[self.env.rank * SLOTS : (self.env.rank + 1) * SLOTS]
