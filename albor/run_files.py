@@ -23,7 +23,7 @@ class RunFiles:
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # Line-buffered: each step's line reaches the OS as soon as it is written.
-            self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            self._metrics = open(self.metrics_path, "a", buffering=1)
 
     @property
     def metrics_path(self) -> Path:

@@ -82,11 +82,6 @@ class ModelConfig:
                 "use an even head_dim and set hidden_size = num_heads * head_dim"
             )
 
-    @property
-    def num_kv_groups(self) -> int:
-        """Query heads per key/value head."""
-        return self.num_heads // self.num_kv_heads
-
     def replace(self, **changes: object) -> ModelConfig:
         """A copy with `changes` applied, validated again."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
