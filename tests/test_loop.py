@@ -106,17 +106,6 @@ def test_throughput_gate_008(tmp_path):
     assert result.exit_code == ExitCode.THROUGHPUT_OUT_OF_RANGE and result.abort.step == 0
 
 
-def test_loop_is_deterministic(tmp_path):
-    """The loop adds no randomness of its own (the real gate-006 test is in test_multirank)."""
-    a, _ = make_loop(tmp_path / "a", target_val_loss=1.0)
-    b, _ = make_loop(tmp_path / "b", target_val_loss=1.0)
-    a.run(), b.run()
-    assert len(a.step_metrics) == len(b.step_metrics) == 25
-    for x, y in zip(a.step_metrics, b.step_metrics):
-        assert (x.step, x.train_loss, x.grad_norm, x.lr) == (y.step, y.train_loss, y.grad_norm, y.lr)
-    assert [m.optimizer_state_sha for m in a.epoch_metadata] == [m.optimizer_state_sha for m in b.epoch_metadata]
-
-
 def test_loop_feeds_the_schedule(tmp_path):
     step_fn = LinearDecay()
     loop, _ = make_loop(tmp_path, step_fn=step_fn, target_val_loss=1.0)
