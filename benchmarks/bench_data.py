@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from albor.data import builtin
-from albor.data.prepare import BATCH_BYTES, prepare_corpus
+from albor.data.tokenizing import BATCH_BYTES, prepare_corpus
 
 
 def main() -> None:
@@ -43,7 +43,8 @@ def main() -> None:
 
         from albor.data.tokenizer import load_tokenizer
 
-        backend = load_tokenizer(tok_dir).backend
+        tokenizer = load_tokenizer(tok_dir)
+        backend = tokenizer.backend
         texts = [d.text for _, d in sources]
         batches, cur, size = [], [], 0
         for t in texts:  # the same batching prepare-data uses
@@ -59,7 +60,7 @@ def main() -> None:
                 backend.encode_batch(b, add_special_tokens=False)
 
         def ours() -> None:
-            prepare_corpus(files, tok_dir, tmp_path / "bench-out", val_fraction=0.02)
+            prepare_corpus(files, tokenizer, tmp_path / "bench-out", source="python-stdlib", val_fraction=0.02)
 
         raw()  # warm the thread pool and page cache
         # Interleaved, best of N: other processes on a small machine add noise to both alike.

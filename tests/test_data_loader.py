@@ -24,6 +24,7 @@ from albor.data.shards import (
     read_header,
     write_index,
 )
+from albor.data.tokenizer import tokenizer_sha256
 from albor.errors import ConfigError, DataError, ExitCode
 
 VOCAB = 65536
@@ -94,8 +95,7 @@ def test_opens_clean_dataset(tmp_path: Path) -> None:
     p = arange_dataset(tmp_path)
     ds = TokenDataset.open(p.parent, vocab_size=VOCAB)  # a directory works too
     index = json.loads(p.read_text())
-    assert ds.fingerprint == index["fingerprint"] and ds.tokenizer_sha == "t" * 64
-    assert ds.vocab_size == VOCAB and ds.eos_id == 0
+    assert ds.fingerprint == index["fingerprint"]
     assert ds.split("train").num_tokens == 5000 and ds.split("val").num_tokens == 2000
     assert isinstance(ds.split("train").arrays[0], np.memmap)
 
@@ -270,6 +270,8 @@ def test_resume_rejects_other_dataset_or_shape(tmp_path: Path) -> None:
         _loader(other).load_state_dict(state)
     with pytest.raises(ConfigError, match="seq_length"):
         _loader(arange_dataset(tmp_path), seq_length=31).load_state_dict(state)
+    with pytest.raises(DataError, match="lacks fingerprint"):
+        _loader(arange_dataset(tmp_path)).load_state_dict({k: v for k, v in state.items() if k != "fingerprint"})
 
 
 def test_data_epoch_rollover_new_order_real_tokens(tmp_path: Path) -> None:
@@ -322,15 +324,14 @@ def test_validation_same_every_epoch_and_rank_disjoint(tmp_path: Path) -> None:
     val = TokenDataset.open(p, vocab_size=VOCAB).split("val")
     loaders = [ValidationLoader(val, micro_batch=2, seq_length=15, rank=r, world_size=3, max_batches=None)
                for r in range(3)]
-    assert len(loaders[0]) == 2000 // 16 // 6 == 20
-    assert loaders[0].tokens == 20 * 6 * 15
+    assert loaders[0].num_batches == 2000 // 16 // 6 == 20
     first = [[x for x, _ in ld] for ld in loaders]
     second = [[x for x, _ in ld] for ld in loaders]
     assert all(torch.equal(a, b) for r in range(3) for a, b in zip(first[r], second[r]))
     seen = [w for r in range(3) for x in first[r] for w in window_ids(x - 40000, 15)]
     assert sorted(seen) == list(range(120))
     capped = ValidationLoader(val, micro_batch=2, seq_length=15, rank=0, world_size=3, max_batches=4)
-    assert len(list(capped)) == 4 and capped.tokens == 4 * 6 * 15
+    assert len(list(capped)) == 4
 
 
 def test_validation_too_small(tmp_path: Path) -> None:
@@ -339,3 +340,79 @@ def test_validation_too_small(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--val-fraction") as info:
         ValidationLoader(val, micro_batch=2, seq_length=15, rank=0, world_size=1, max_batches=None)
     assert "20 tokens" in str(info.value)
+
+
+# ---- the tokenizer a dataset ships --------------------------------------------------------------
+
+
+def shipped_tokenizer_dataset(tmp_path: Path, tokenizer: str = "tokenizer") -> Path:
+    """A dataset with its tokenizer inside, as ``prepare-data --builtin`` writes it; returns index.json."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    ds = tmp_path / "ds"
+    tok = ds / "tokenizer"
+    tok.mkdir(parents=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["hello tokenizer world\n"] * 5, vocab_size=280, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    bpe.save_model(str(tok))
+    sha = tokenizer_sha256(tok)
+    shards = []
+    for split in ("train", "val"):
+        w = ShardWriter(ds, split, dtype_code=1)
+        w.write(np.arange(50) % 280)
+        shards += w.close()
+    return write_index(ds, build_index(shards, vocab_size=280, eos_id=0, tokenizer_sha=sha, extra={"tokenizer": tokenizer}))
+
+
+def test_shipped_tokenizer_unchanged_or_absent_opens(tmp_path: Path) -> None:
+    import shutil
+
+    p = shipped_tokenizer_dataset(tmp_path)
+    TokenDataset.open(p, vocab_size=280)
+    shutil.rmtree(p.parent / "tokenizer")  # a dataset copied without its tokenizer: the tokens are all a run needs
+    TokenDataset.open(p, vocab_size=280)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda d: (d / "merges.txt").write_text((d / "merges.txt").read_text() + "h e\n"), "has sha256"),
+    (lambda d: (d / "vocab.json").write_text((d / "vocab.json").read_text().replace('"h"', '"H"')), "has sha256"),
+    (lambda d: (d / "merges.txt").unlink(), "merges.txt is missing"),
+])
+def test_shipped_tokenizer_changed_after_prepare_is_refused(tmp_path: Path, change, needle: str) -> None:
+    """README: the tokenizer's sha256 in index.json is checked when a run opens a dataset."""
+    p = shipped_tokenizer_dataset(tmp_path)
+    tok = p.parent / "tokenizer"
+    made_with = tokenizer_sha256(tok)
+    change(tok)
+    msg = str(_open_error(p, vocab=280))
+    assert f"dataset {p}" in msg and needle in msg and made_with in msg and "prepare-data" in msg
+    if needle == "has sha256":
+        assert tokenizer_sha256(tok) in msg  # both shas
+
+
+@pytest.mark.parametrize("name", ["/elsewhere/tok", "../tok", "."])
+def test_a_tokenizer_outside_the_dataset_is_not_checked(tmp_path: Path, name: str) -> None:
+    """Only a tokenizer shipped inside the dataset is compared; a path recorded from elsewhere may
+    have been reused for another tokenizer since, which says nothing about these tokens."""
+    p = shipped_tokenizer_dataset(tmp_path, tokenizer=name)
+    (p.parent / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "tok").mkdir()
+    TokenDataset.open(p, vocab_size=280)
+
+
+def test_a_json_that_is_not_an_index(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"lr": 1}')
+    msg = str(_open_error(tmp_path / "config.json"))
+    assert "config.json is not an albor dataset index" in msg and "index.json" in msg and "regenerate" not in msg
+
+
+def test_an_unreadable_shard_is_one_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = arange_dataset(tmp_path)
+
+    def unreadable(path, header):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("albor.data.loader.scan_shard", unreadable)  # root reads any file: simulate the error
+    msg = str(_open_error(p))
+    assert "train-00000.bin cannot be read (Permission denied)" in msg and "permissions" in msg

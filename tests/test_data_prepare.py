@@ -1,4 +1,4 @@
-"""prepare-data on made-up corpora, the builtin corpus, and dataset resolution."""
+"""``albor prepare-data`` on made-up corpora and on the builtin corpus."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import pytest
 from tokenizers import ByteLevelBPETokenizer
 
 from albor.data import builtin
-from albor.data.prepare import is_validation, main, split_hash
-from albor.data.resolve import resolve_dataset
+from albor.data.prepare import main
 from albor.data.shards import HEADER_SIZE, read_header
+from albor.data.split import is_validation, split_hash
 from albor.data.tokenizer import EOS_TOKEN, load_tokenizer
-from albor.errors import ConfigError, DataError
 
 TRAIN_TEXT = ["import os\nprint(os.getcwd())\n", "def f(x):\n    return x * 2\n", "hello tokenizer world\n"] * 10
 
@@ -64,7 +63,7 @@ def decode_docs(out: Path, tok_dir: Path) -> list[str]:
         cur: list[int] = []
         for t in tokens:
             if t == tok.eos_id:
-                docs.append(tok.decode(cur))
+                docs.append(tok.backend.decode(cur))
                 cur = []
             else:
                 cur.append(t)
@@ -109,14 +108,17 @@ def test_hash_split_places_documents(tmp_path: Path, tok_dir: Path) -> None:
     tok = load_tokenizer(tok_dir)
     val_tokens = read_split(out, "val").tolist()
     expected_val = [t for t in texts if is_validation(split_hash(t.encode()), 0.2)]
-    expected = [i for t in expected_val for i in tok.encode(t) + [tok.eos_id]]
+    expected = [i for ids in tok.encode_batch(expected_val) for i in ids + [tok.eos_id]]
     assert 20 < len(expected_val) < 60 and val_tokens == expected
 
 
 def test_single_document_with_validation_is_an_error(tmp_path: Path, tok_dir: Path, capsys) -> None:
     (tmp_path / "one.txt").write_text("only one")
     rc = main([str(tmp_path / "one.txt"), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "o")])
-    assert rc == 3 and "--val-fraction 0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # Names the user's file; no --val-fraction 0, which would only move the failure to pretrain's validation.
+    assert rc == 3 and f"{tmp_path / 'one.txt'} holds a single document" in err and "add documents" in err
+    assert "--val-fraction" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["one.txt"]
 
 
 @pytest.mark.parametrize("line,needle", [('{"txt": "x"}', 'no string "text"'), ("{not json", "not a JSON"),
@@ -191,9 +193,17 @@ def test_not_utf8(tmp_path: Path, tok_dir: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("args,code,needle", [
-    (["missing_dir", "--tokenizer", "{tok}"], 3, "does not exist"),
-    (["corpus/file.md", "--tokenizer", "{tok}"], 3, "not .txt, .py or .jsonl"),
-    (["corpus", "--tokenizer", "nowhere"], 3, "nowhere"),
+    # README's table: a path that does not exist, or is not what the flag takes, is usage (2).
+    (["missing_dir", "--tokenizer", "{tok}"], 2, "corpus path missing_dir does not exist"),
+    (["corpus/file.md", "--tokenizer", "{tok}"], 2, "not .txt, .py or .jsonl"),
+    (["corpus", "--tokenizer", "nowhere"], 2, "tokenizer directory nowhere does not exist"),
+    (["corpus", "--tokenizer", "corpus/a.txt"], 2, "is not a directory"),
+    (["empty", "--tokenizer", "{tok}"], 3, "no .txt, .py or .jsonl files in empty"),
+    (["corpus", "--tokenizer", "{tok}", "--output", "corpus/a.txt/ds"], 2, "corpus/a.txt is a file"),
+    (["--builtin", "python-stdlib", "--max-bytes", "0"], 2, "--max-bytes 0"),
+    (["--builtin", "python-stdlib", "--max-bytes", "10"], 2, "raise --max-bytes"),
+    (["corpus", "--tokenizer", "{tok}", "--max-bytes", "10"], 2, "--builtin only"),
+    (["corpus", "--tokenizer", "{tok}", "--shard-tokens", "0"], 2, "--shard-tokens"),
     (["corpus"], 2, "--tokenizer"),
     ([], 2, "--builtin python-stdlib"),
     (["corpus", "--tokenizer", "{tok}", "--val-fraction", "1.5"], 2, "--val-fraction"),
@@ -206,11 +216,14 @@ def test_usage_errors(tmp_path: Path, tok_dir: Path, capsys, monkeypatch, args: 
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "file.md").write_text("x")
     (tmp_path / "corpus" / "a.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path)
-    argv = [a.replace("{tok}", str(tok_dir)) for a in args] + ["--output", str(tmp_path / "out")]
-    assert main(argv) == code
+    before = tree_bytes(tmp_path)
+    argv = [a.replace("{tok}", str(tok_dir)) for a in args]
+    assert main(argv if "--output" in argv else argv + ["--output", "out"]) == code
     err = capsys.readouterr().err
     assert needle in err and err.startswith("albor prepare-data: error:") and err.count("\n") == 1
+    assert tree_bytes(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "empty"]
 
 
 def test_unwritable_output_is_one_line(tmp_path: Path, tok_dir: Path, capsys) -> None:
@@ -264,7 +277,7 @@ def test_builtin_is_byte_identical_across_runs(tmp_path: Path) -> None:
     assert main(args + ["--output", str(tmp_path / "a")]) == 0
     # The second run in a fresh process: other hash seeds, another thread pool.
     env = dict(os.environ, PYTHONHASHSEED="123", RAYON_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "albor.data.prepare", *args, "--output", str(tmp_path / "b")],
+    proc = subprocess.run([sys.executable, "-m", "albor.cli", "prepare-data", *args, "--output", str(tmp_path / "b")],
                           env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
@@ -274,47 +287,6 @@ def test_builtin_is_byte_identical_across_runs(tmp_path: Path) -> None:
     tok = load_tokenizer(tmp_path / "a" / "tokenizer")
     assert index["vocab_size"] == tok.vocab_size == 512 and index["tokens"]["val"] > 0
     assert index["tokenizer"] == "tokenizer" and index["source"]["builtin"] == "python-stdlib"
-
-
-# ---- resolve ---------------------------------------------------------------------------------------
-
-
-def test_resolve_index_and_directory(tmp_path: Path, tok_dir: Path) -> None:
-    make_corpus(tmp_path / "corpus")
-    assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "ds")]) == 0
-    index = tmp_path / "ds" / "index.json"
-    assert resolve_dataset(index, None, tmp_path / "run", log=print) == index
-    assert resolve_dataset(tmp_path / "ds", None, tmp_path / "run", log=print) == index
-    assert not (tmp_path / "run" / "data-cache").exists()
-
-
-def test_resolve_raw_corpus_caches_once(tmp_path: Path, tok_dir: Path) -> None:
-    docs = make_corpus(tmp_path / "corpus")
-    logs: list[str] = []
-    run = tmp_path / "run"
-    p = resolve_dataset(tmp_path / "corpus", tok_dir, run, log=logs.append)
-    assert p == run / "data-cache" / "index.json" and "tokenizing" in logs[0]
-    assert sorted(decode_docs(p.parent, tok_dir)) == sorted(docs)
-    mtime = p.stat().st_mtime_ns
-    logs.clear()
-    assert resolve_dataset(tmp_path / "corpus", tok_dir, run, log=logs.append) == p
-    assert p.stat().st_mtime_ns == mtime and "reusing" in logs[0]
-    (tmp_path / "corpus" / "a.txt").write_text("changed document\n")
-    logs.clear()
-    resolve_dataset(tmp_path / "corpus", tok_dir, run, log=logs.append)
-    assert any("rebuilding" in m for m in logs)
-    assert "changed document\n" in decode_docs(p.parent, tok_dir)
-
-
-def test_resolve_errors(tmp_path: Path, tok_dir: Path) -> None:
-    make_corpus(tmp_path / "corpus")
-    with pytest.raises(ConfigError, match="--tokenizer"):
-        resolve_dataset(tmp_path / "corpus", None, tmp_path / "run", log=print)
-    with pytest.raises(ConfigError, match="does not exist"):
-        resolve_dataset(tmp_path / "nope", tok_dir, tmp_path / "run", log=print)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no .txt"):
-        resolve_dataset(tmp_path / "empty", tok_dir, tmp_path / "run", log=print)
 
 
 def test_vocab_size_without_builtin_is_refused(tmp_path: Path, tok_dir: Path, capsys) -> None:
@@ -334,3 +306,46 @@ def test_dataset_directory_is_readable_by_others(tmp_path: Path, tok_dir: Path) 
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "o").stat().st_mode) == 0o755
+
+
+# ---- nothing half-written ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("a.txt", b"", "corpus {corpus} holds no text"),
+    ("a.txt", b"caf\xe9", "{corpus}/a.txt is not UTF-8"),
+    ("a.jsonl", b'{"text": "fine"}\n{"text": "half a pair \\ud800"}\n', "{corpus}/a.jsonl:2: the text holds '\\ud800'"),
+    ("a.jsonl", b'{"text": "fine"}\n{"text": "also fine"}\n[1]\n', "{corpus}/a.jsonl:3: no string"),
+])
+def test_a_failed_prepare_leaves_no_new_directories(tmp_path: Path, tok_dir: Path, capsys, name: str, content: bytes,
+                                                    needle: str) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / name).write_bytes(content)
+    out = tmp_path / "new" / "deeper" / "ds"
+    assert main([str(corpus), "--tokenizer", str(tok_dir), "--output", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert needle.format(corpus=corpus) in err and err.count("\n") == 1 and "staging" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_an_output_that_cannot_be_written_is_a_usage_error(tmp_path: Path, tok_dir: Path, capsys, monkeypatch) -> None:
+    make_corpus(tmp_path / "corpus")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr("albor.data.prepare.tempfile.mkdtemp", refuse)  # root writes anywhere: simulate a read-only place
+    out = tmp_path / "new" / "ds"
+    assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {out}: cannot write in {out.parent} (Permission denied)" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_a_corpus_whose_documents_all_hash_to_validation_still_has_a_train_split(tmp_path: Path, tok_dir: Path) -> None:
+    (tmp_path / "c.jsonl").write_text('{"text": "one document"}\n{"text": "another document"}\n')
+    out = tmp_path / "out"
+    args = [str(tmp_path / "c.jsonl"), "--tokenizer", str(tok_dir), "--output", str(out), "--val-fraction", "0.999999"]
+    assert main(args) == 0
+    assert json.loads((out / "index.json").read_text())["documents"] == {"train": 1, "val": 1}

@@ -10,7 +10,7 @@ import pytest
 from tokenizers import ByteLevelBPETokenizer
 
 from albor.data.tokenizer import EOS_TOKEN, load_tokenizer
-from albor.errors import DataError, ExitCode
+from albor.errors import ConfigError, DataError, ExitCode
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "hello world, hello tokenizer\n", "for i in range(10):\n    print(i)\n"] * 5
 
@@ -39,7 +39,7 @@ def test_loads_and_encodes(tmp_path: Path) -> None:
     assert tok.eos_id == vocab[EOS_TOKEN]
     ids = tok.encode_batch(["def add(a, b):", "ünïcode ✓"])
     assert all(isinstance(i, int) for row in ids for i in row)
-    assert [tok.decode(row) for row in ids] == ["def add(a, b):", "ünïcode ✓"]
+    assert [tok.backend.decode(row) for row in ids] == ["def add(a, b):", "ünïcode ✓"]
     assert tok.sha256 == hashlib.sha256((d / "vocab.json").read_bytes() + (d / "merges.txt").read_bytes()).hexdigest()
 
 
@@ -56,9 +56,15 @@ def test_sha_changes_with_merges(tmp_path: Path) -> None:
     assert load_tokenizer(d).sha256 != before
 
 
-def test_missing_directory(tmp_path: Path) -> None:
-    err = _error(tmp_path / "nope")
-    assert "nope" in str(err) and "does not exist" in str(err)
+@pytest.mark.parametrize("make,needle", [(lambda p: None, "does not exist"),
+                                         (lambda p: p.write_text("x"), "is not a directory")])
+def test_not_a_directory_is_a_usage_error(tmp_path: Path, make, needle: str) -> None:
+    """A --tokenizer path that is not there, or a file, is a bad flag (exit 2), as README's table says."""
+    make(tmp_path / "nope")
+    with pytest.raises(ConfigError) as info:
+        load_tokenizer(tmp_path / "nope")
+    assert info.value.exit_code == ExitCode.USAGE == 2
+    assert "nope" in str(info.value) and needle in str(info.value) and "--tokenizer" in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["vocab.json", "merges.txt"])

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from tokenizers import ByteLevelBPETokenizer
 
-from albor.data.prepare import Document, tokenize_documents
 from albor.atomic_files import write_bytes_atomic
+from albor.data.corpus import Document
 from albor.data.shards import DEFAULT_SHARD_TOKENS
 from albor.data.tokenizer import EOS_TOKEN, MERGES_FILE, VOCAB_FILE, load_tokenizer
-from albor.errors import ConfigError, DataError
+from albor.data.tokenizing import tokenize_documents
+from albor.errors import ConfigError
 
 BUILTINS = ("python-stdlib",)
 DEFAULT_VOCAB_SIZE = 4096
@@ -39,9 +40,9 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_sources(max_bytes: int, root: Path | None = None) -> list[tuple[str, Document]]:
+def stdlib_sources(max_bytes: int) -> list[tuple[str, Document]]:
     """(relative path, document) of stdlib .py files, sorted, at most ``max_bytes`` in total."""
-    root = root or stdlib_root()
+    root = stdlib_root()
     paths: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS and not d.startswith(".")]
@@ -64,7 +65,8 @@ def stdlib_sources(max_bytes: int, root: Path | None = None) -> list[tuple[str, 
             out.append((rel, Document(text, data)))
             total += len(data)
     if not out:
-        raise DataError(f"no usable .py sources under {root} within --max-bytes {max_bytes}; raise --max-bytes")
+        # The corpus is the interpreter's own: only the flag can be wrong.
+        raise ConfigError(f"no usable .py sources under {root} within --max-bytes {max_bytes}; raise --max-bytes")
     return out
 
 
@@ -86,6 +88,18 @@ def train_tokenizer(texts: list[str], vocab_size: int, directory: Path) -> None:
         staging.rmdir()
 
 
+def check_builtin_args(name: str, *, vocab_size: int, max_bytes: int) -> None:
+    """ConfigError for a built-in corpus, vocabulary or byte cap that cannot work."""
+    if name not in BUILTINS:
+        raise ConfigError(f"unknown built-in corpus {name!r}; choose one of {', '.join(BUILTINS)}")
+    if vocab_size < _MIN_VOCAB:
+        raise ConfigError(
+            f"--vocab-size {vocab_size} is below {_MIN_VOCAB} (256 bytes + {EOS_TOKEN}); use e.g. {DEFAULT_VOCAB_SIZE}"
+        )
+    if max_bytes < 1:
+        raise ConfigError(f"--max-bytes {max_bytes} must be positive; use e.g. {DEFAULT_MAX_BYTES}")
+
+
 def prepare_builtin(
     name: str,
     output: Path,
@@ -96,12 +110,7 @@ def prepare_builtin(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> Path:
     """Build the named built-in dataset into ``output``; returns the path of index.json."""
-    if name not in BUILTINS:
-        raise ConfigError(f"unknown built-in corpus {name!r}; choose one of {', '.join(BUILTINS)}")
-    if vocab_size < _MIN_VOCAB:
-        raise ConfigError(f"--vocab-size {vocab_size} is below {_MIN_VOCAB} (256 bytes + {EOS_TOKEN}); use e.g. 4096")
-    if max_bytes < 1:
-        raise ConfigError(f"--max-bytes {max_bytes} must be positive; use e.g. {DEFAULT_MAX_BYTES}")
+    check_builtin_args(name, vocab_size=vocab_size, max_bytes=max_bytes)
     sources = stdlib_sources(max_bytes)
     docs = [d for _, d in sources]
     output.mkdir(parents=True, exist_ok=True)
@@ -115,5 +124,5 @@ def prepare_builtin(
         "source": {"builtin": name, "python": platform.python_version(), "max_bytes": max_bytes,
                    "files": len(docs), "bytes": total},
     }
-    return tokenize_documents(docs, tokenizer, output, val_fraction=val_fraction, shard_tokens=shard_tokens,
-                              total_bytes=total, extra=extra)
+    return tokenize_documents(docs, tokenizer, output, source=f"built-in {name}", val_fraction=val_fraction,
+                              shard_tokens=shard_tokens, total_bytes=total, extra=extra)

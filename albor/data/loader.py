@@ -15,7 +15,6 @@ its own contiguous slice of each global batch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from albor.data.shards import FORMAT_VERSION, INDEX_NAME, SPLITS, dataset_fingerprint, ShardInfo
-from albor.data.shards import open_tokens, read_header, scan_shard
+from albor.data.shards import REGENERATE, SPLITS, ShardInfo, dataset_fingerprint, index_path, open_tokens
+from albor.data.shards import read_header, read_index, scan_shard
+from albor.data.tokenizer_match import check_shipped_tokenizer
 from albor.errors import ConfigError, DataError
-
-_REGENERATE = "regenerate it with `albor prepare-data`"
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,13 +71,8 @@ class Split:
 class TokenDataset:
     """An ``index.json`` and its shards, validated at open."""
 
-    def __init__(self, path: Path, index: dict[str, Any], splits: dict[str, Split]):
-        self.path = path
-        self.index = index
-        self.fingerprint: str = index["fingerprint"]
-        self.tokenizer_sha: str = index["tokenizer_sha256"]
-        self.vocab_size: int = index["vocab_size"]
-        self.eos_id: int = index["eos_id"]
+    def __init__(self, fingerprint: str, splits: dict[str, Split]):
+        self.fingerprint = fingerprint
         self._splits = splits
 
     def split(self, name: str) -> Split:
@@ -88,11 +81,10 @@ class TokenDataset:
         return self._splits[name]
 
     @classmethod
-    def open(cls, index_path: str | Path, *, vocab_size: int) -> TokenDataset:
-        path = Path(index_path)
-        if path.is_dir():
-            path = path / INDEX_NAME
-        index = _read_index(path)
+    def open(cls, dataset: str | Path, *, vocab_size: int) -> TokenDataset:
+        """Open an index.json (or its directory) for a model with ``vocab_size``; DataError if unusable."""
+        path = index_path(dataset)
+        index = read_index(path)
         if index["vocab_size"] > vocab_size:
             raise DataError(
                 f"dataset {path} was tokenized with vocab_size {index['vocab_size']} but the model has "
@@ -100,23 +92,30 @@ class TokenDataset:
                 "or re-tokenize with a matching tokenizer"
             )
         if not 0 <= index["eos_id"] < index["vocab_size"]:
-            raise DataError(f"index {path}: eos_id {index['eos_id']} is outside the vocabulary; {_REGENERATE}")
+            raise DataError(f"index {path}: eos_id {index['eos_id']} is outside the vocabulary; {REGENERATE}")
+        check_shipped_tokenizer(path, index)
         infos: list[ShardInfo] = []
         arrays: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         for entry in index["shards"]:
             shard_path = path.parent / entry["name"]
             if not shard_path.is_file():
-                raise DataError(f"shard {shard_path} listed in {path} is missing; restore it or {_REGENERATE}")
-            header = read_header(shard_path)
+                raise DataError(f"shard {shard_path} listed in {path} is missing; restore it or {REGENERATE}")
+            try:
+                header = read_header(shard_path)
+                sha, max_id = scan_shard(shard_path, header)
+                tokens = open_tokens(shard_path, header)
+            except OSError as e:
+                raise DataError(
+                    f"shard {shard_path} cannot be read ({e.strerror or e}); check its permissions and the disk"
+                ) from None
             if header.count != entry["tokens"]:
                 raise DataError(
-                    f"shard {shard_path} holds {header.count} tokens but {path} lists {entry['tokens']}; {_REGENERATE}"
+                    f"shard {shard_path} holds {header.count} tokens but {path} lists {entry['tokens']}; {REGENERATE}"
                 )
-            sha, max_id = scan_shard(shard_path, header)
             if sha != entry["sha256"]:
                 raise DataError(
                     f"shard {shard_path} does not match {path} (sha256 {sha[:16]}…, index says "
-                    f"{entry['sha256'][:16]}…): the file changed after it was written; {_REGENERATE}"
+                    f"{entry['sha256'][:16]}…): the file changed after it was written; {REGENERATE}"
                 )
             if max_id >= vocab_size:
                 raise DataError(
@@ -124,53 +123,20 @@ class TokenDataset:
                     "use the tokenizer the model was built for or raise the model's vocab_size"
                 )
             infos.append(ShardInfo(entry["name"], entry["split"], entry["tokens"], entry["sha256"]))
-            arrays[entry["split"]].append(open_tokens(shard_path, header))
+            arrays[entry["split"]].append(tokens)
         if dataset_fingerprint(infos, index["tokenizer_sha256"], index["format_version"]) != index["fingerprint"]:
-            raise DataError(f"index {path} has a fingerprint that does not match its shards; {_REGENERATE}")
+            raise DataError(f"index {path} has a fingerprint that does not match its shards; {REGENERATE}")
         splits = {}
         for name in SPLITS:
             counts = [a.shape[0] for a in arrays[name]]
             starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
             splits[name] = Split(name, tuple(arrays[name]), index["fingerprint"], starts)
-        return cls(path, index, splits)
+        return cls(index["fingerprint"], splits)
 
 
-def index_vocab_size(index_path: str | Path) -> int:
+def index_vocab_size(dataset: str | Path) -> int:
     """The vocabulary size an index was tokenized with (the model's vocab follows it)."""
-    path = Path(index_path)
-    return int(_read_index(path / INDEX_NAME if path.is_dir() else path)["vocab_size"])
-
-
-def _read_index(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(
-            f"dataset index {path} does not exist; run `albor prepare-data ... --output {path.parent}` "
-            "(an unfinished prepare-data leaves no index.json)"
-        )
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"dataset index {path} is not valid JSON ({e}); {_REGENERATE}") from None
-    if not isinstance(index, dict) or index.get("format") != "albor-tokens":
-        raise DataError(f"{path} is not an albor dataset index; {_REGENERATE}")
-    if index.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"dataset index {path} has format version {index.get('format_version')}, this albor reads "
-            f"{FORMAT_VERSION}; {_REGENERATE}"
-        )
-    required = {"vocab_size": int, "eos_id": int, "tokenizer_sha256": str, "fingerprint": str, "shards": list}
-    for key, typ in required.items():
-        if not isinstance(index.get(key), typ):
-            raise DataError(f"dataset index {path} lacks a valid {key!r}; {_REGENERATE}")
-    for entry in index["shards"]:
-        ok = (
-            isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry.get("split") in SPLITS
-            and isinstance(entry.get("tokens"), int) and isinstance(entry.get("sha256"), str)
-            and "/" not in entry["name"] and "\\" not in entry["name"]
-        )
-        if not ok:
-            raise DataError(f"dataset index {path} has a malformed shard entry {entry!r}; {_REGENERATE}")
-    return index
+    return int(read_index(index_path(dataset))["vocab_size"])
 
 
 def _check_layout(micro_batch: int, seq_length: int, rank: int, world_size: int) -> None:
@@ -243,7 +209,13 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the cursor; the saved seed wins, since it defines the order being resumed."""
-        if state.get("fingerprint", self.split.fingerprint) != self.split.fingerprint:
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            raise DataError(
+                f"the checkpoint's data cursor lacks {', '.join(missing)}; resume from a checkpoint albor wrote, "
+                "or start a new run"
+            )
+        if state["fingerprint"] != self.split.fingerprint:
             raise DataError(
                 "the checkpoint's data cursor was saved on another dataset (fingerprint "
                 f"{str(state['fingerprint'])[:16]}…, this one {self.split.fingerprint[:16]}…); resume with the "
@@ -251,7 +223,7 @@ class TrainLoader:
             )
         for key, mine in (("seq_length", self.seq_length), ("global_windows", self.global_windows),
                           ("num_windows", self.num_windows)):
-            if key in state and state[key] != mine:
+            if state[key] != mine:
                 raise ConfigError(
                     f"cannot resume the data order exactly: the checkpoint has {key} {state[key]}, this run "
                     f"{mine}; keep --seq-length, --batch-size and the world size of the original run"
@@ -284,14 +256,6 @@ class ValidationLoader:
                 "--val-fraction in prepare-data, or use a smaller --batch-size or --seq-length"
             )
         self.num_batches = available if max_batches is None else min(available, max_batches)
-
-    @property
-    def tokens(self) -> int:
-        """Target tokens one pass covers, over all ranks."""
-        return self.num_batches * self.global_windows * self.seq_length
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b in range(self.num_batches):

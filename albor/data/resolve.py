@@ -1,10 +1,15 @@
 """Turn a ``--dataset`` argument into the path of an ``index.json``.
 
-Accepted: an ``index.json`` (any ``.json`` file is taken as an index); a directory holding one; or a raw corpus (a
-.txt/.py/.jsonl file or a directory of them), which is tokenized once into
-``{run_dir}/data-cache/`` and reused while the corpus and tokenizer are
-unchanged. Every rank may call this: an exclusive file lock makes the first
-caller build the cache and the others wait for it and reuse it.
+Accepted: an ``index.json`` (any ``.json`` file is taken as an index); a
+directory holding one; or a raw corpus (a .txt/.py/.jsonl file or a directory
+of them), which is tokenized once into ``{run_dir}/data-cache/`` and reused
+while the corpus and tokenizer are unchanged.
+
+Every rank may call this. An exclusive lock on ``{run_dir}/.data-cache.lock``
+makes the first caller build the cache and the others wait for it and reuse
+it. The cache is built beside its final place and moved there when complete;
+when tokenizing fails, the lock file goes too, and so does the run directory
+if this call created it, so a failed run leaves the disk as it found it.
 """
 
 from __future__ import annotations
@@ -12,17 +17,22 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from albor.data.prepare import DEFAULT_VAL_FRACTION, find_corpus_files, prepare_corpus
-from albor.data.shards import FORMAT_VERSION, INDEX_NAME
-from albor.data.tokenizer import load_tokenizer
-from albor.errors import ConfigError
+from albor.data.corpus import find_corpus_files
+from albor.data.shards import FORMAT_VERSION, INDEX_NAME, read_index
+from albor.data.staging import build_into, make_dirs, remove_dirs
+from albor.data.tokenizer import Tokenizer, load_tokenizer
+from albor.data.tokenizer_match import check_tokenizer_matches
+from albor.data.tokenizing import DEFAULT_VAL_FRACTION, check_documents, prepare_corpus
+from albor.errors import ConfigError, DataError
 
 CACHE_DIR = "data-cache"
+LOCK_NAME = f".{CACHE_DIR}.lock"
 
 
 def corpus_fingerprint(files: list[Path], tokenizer_sha: str, val_fraction: float) -> str:
@@ -30,22 +40,59 @@ def corpus_fingerprint(files: list[Path], tokenizer_sha: str, val_fraction: floa
     h = hashlib.sha256(f"albor-corpus v{FORMAT_VERSION}\n{tokenizer_sha}\n{val_fraction!r}\n".encode())
     for p in files:
         fh = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                fh.update(chunk)
+        try:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    fh.update(chunk)
+        except OSError as e:
+            raise DataError(f"corpus file {p} cannot be read ({e.strerror or e}); check it exists and is readable") from None
         h.update(f"{p.suffix} {fh.hexdigest()}\n".encode())
     return h.hexdigest()
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def cache_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's cache lock; on leaving, remove the lock file and what was created for it.
+
+    Both go while the lock is still held, so a waiter may wake up holding a file
+    that is gone: it then starts over on a fresh one (compared by inode), in a
+    run directory it makes again if need be, and cleans up after itself in turn.
+    """
+    created: list[Path] = []
+    path = run_dir / LOCK_NAME
+    f = None
+    held = False
+    try:
+        while not held:
+            try:
+                created += make_dirs(run_dir)
+                f = open(path, "a+")
+            except FileNotFoundError:
+                continue  # a rank that failed removed the run directory just now: make it again
+            except OSError as e:
+                raise ConfigError(
+                    f"--output-dir {run_dir} cannot be written ({e.strerror or e}); choose a directory you can write"
+                ) from None
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            held = _is_file_at(f, path)
+            if not held:
+                f.close()
+                f = None
+        yield
+    finally:
+        if held:
+            path.unlink(missing_ok=True)
+        remove_dirs(created)  # only where empty: a finished cache keeps the run directory
+        if f is not None:
+            f.close()
+
+
+def _is_file_at(f, path: Path) -> bool:
+    try:
+        held, there = os.fstat(f.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _cached_fingerprint(index_path: Path) -> str | None:
@@ -55,41 +102,68 @@ def _cached_fingerprint(index_path: Path) -> str | None:
         return None
 
 
-def resolve_dataset(
-    dataset: Path, tokenizer_dir: Path | None, run_dir: Path, *, log: Callable[[str], None]
-) -> Path:
-    """Path of the index.json to train on; tokenizes a raw corpus into the run's cache first."""
-    dataset = Path(dataset)
+def _prepared_index(dataset: Path) -> Path | None:
     if dataset.is_file() and dataset.suffix == ".json":  # an index, maybe renamed; opening validates it
         return dataset
     if dataset.is_dir() and (dataset / INDEX_NAME).is_file():
         return dataset / INDEX_NAME
+    return None
+
+
+def resolve_dataset(
+    dataset: Path, tokenizer_dir: Path | None, run_dir: Path, *, log: Callable[[str], None]
+) -> Path:
+    """Path of the index.json to train on; tokenizes a raw corpus into the run's cache first.
+
+    With a prepared dataset, a ``tokenizer_dir`` must be the tokenizer the dataset was made with.
+    """
+    dataset, run_dir = Path(dataset), Path(run_dir)
+    index_path = _prepared_index(dataset)
+    if index_path is not None:
+        if tokenizer_dir is not None:
+            check_tokenizer_matches(load_tokenizer(tokenizer_dir), index_path, read_index(index_path))
+        return index_path
     if not dataset.exists():
         raise ConfigError(
             f"--dataset {dataset} does not exist; pass an index.json, a directory made by `albor prepare-data`, "
             "or a corpus of .txt/.py/.jsonl files"
         )
-    files = find_corpus_files([dataset])  # DataError if there is nothing to tokenize
+    if dataset.is_dir() and run_dir.resolve().is_relative_to(dataset.resolve()):
+        raise ConfigError(
+            f"--output-dir {run_dir} lies inside the raw corpus --dataset {dataset}: the run's own metrics.jsonl "
+            "would be read as training text; choose an --output-dir outside the corpus"
+        )
+    files = find_corpus_files([dataset])  # exit 3 if there is nothing to tokenize
     if tokenizer_dir is None:
         raise ConfigError(
             f"--dataset {dataset} is a raw corpus and needs --tokenizer DIR (vocab.json + merges.txt) to "
             "tokenize it; or run `albor prepare-data` first and pass its index.json"
         )
     tokenizer = load_tokenizer(tokenizer_dir)
-    cache = Path(run_dir) / CACHE_DIR
-    with _locked(Path(run_dir) / f".{CACHE_DIR}.lock"):
-        fingerprint = corpus_fingerprint(files, tokenizer.sha256, DEFAULT_VAL_FRACTION)
-        index_path = cache / INDEX_NAME
-        if _cached_fingerprint(index_path) == fingerprint:
-            log(f"dataset: reusing tokenized cache {index_path} for corpus {dataset}")
-            return index_path
-        if cache.exists():
-            log(f"dataset: {cache} is incomplete or was built from another corpus or tokenizer; rebuilding it")
-            shutil.rmtree(cache)
-        log(f"dataset: tokenizing raw corpus {dataset} ({len(files)} files) once into {cache}")
-        path = prepare_corpus(
-            [dataset], tokenizer_dir, cache, val_fraction=DEFAULT_VAL_FRACTION,
-            extra={"source": {"corpus": str(dataset.resolve()), "files": len(files), "fingerprint": fingerprint}},
-        )
-        log(f"dataset: wrote {path}")
-        return path
+    fingerprint = corpus_fingerprint(files, tokenizer.sha256, DEFAULT_VAL_FRACTION)
+    with cache_lock(run_dir):
+        return _tokenized_cache(dataset, files, tokenizer, fingerprint, run_dir / CACHE_DIR, log)
+
+
+def _tokenized_cache(
+    dataset: Path, files: list[Path], tokenizer: Tokenizer, fingerprint: str, cache: Path, log: Callable[[str], None]
+) -> Path:
+    index_path = cache / INDEX_NAME
+    # What a rank killed while building left (see albor.data.staging): no one else holds the lock.
+    for leftover in [*cache.parent.glob(f".{cache.name}.staging-*"), *cache.parent.glob(f".{cache.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    if _cached_fingerprint(index_path) == fingerprint:
+        log(f"dataset: reusing tokenized cache {index_path} for corpus {dataset}")
+        return index_path
+    if cache.exists():
+        log(f"dataset: {cache} was built from another corpus or tokenizer; rebuilding it")
+    # Every rank that finds no cache tries in turn: a corpus that cannot be tokenized
+    # must fail in one cheap pass each, not in one full tokenization each.
+    check_documents(files, DEFAULT_VAL_FRACTION, source=str(dataset))
+    log(f"dataset: tokenizing raw corpus {dataset} ({len(files)} files) once into {cache}")
+    extra = {"source": {"corpus": str(dataset.resolve()), "files": len(files), "fingerprint": fingerprint}}
+    build_into(cache, lambda out: prepare_corpus(
+        files, tokenizer, out, source=str(dataset), val_fraction=DEFAULT_VAL_FRACTION, extra=extra,
+    ))
+    log(f"dataset: wrote {index_path}")
+    return index_path

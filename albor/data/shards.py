@@ -29,6 +29,8 @@ import numpy as np
 from albor.atomic_files import write_bytes_atomic
 from albor.errors import DataError
 
+REGENERATE = "regenerate it with `albor prepare-data`"
+
 MAGIC = b"ALBORTOK"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIIQ8x")
@@ -232,3 +234,48 @@ def write_index(directory: Path, index: dict[str, Any]) -> Path:
     path = directory / INDEX_NAME
     write_bytes_atomic(path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
     return path
+
+
+def index_path(dataset: str | Path) -> Path:
+    """The index.json of a dataset given as the file itself or its directory."""
+    path = Path(dataset)
+    return path / INDEX_NAME if path.is_dir() else path
+
+
+def read_index(path: Path) -> dict[str, Any]:
+    """Parse ``index.json`` and check its shape (not its shards); DataError naming the problem."""
+    if not path.is_file():
+        raise DataError(
+            f"dataset index {path} does not exist; run `albor prepare-data ... --output {path.parent}` "
+            "(an unfinished prepare-data leaves no index.json)"
+        )
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"dataset index {path} is not valid JSON ({e}); {REGENERATE}") from None
+    except OSError as e:
+        raise DataError(f"dataset index {path} cannot be read ({e.strerror or e}); check its permissions") from None
+    if not isinstance(index, dict) or index.get("format") != "albor-tokens":
+        raise DataError(
+            f"{path} is not an albor dataset index; pass the index.json `albor prepare-data` wrote, or its directory"
+        )
+    if index.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"dataset index {path} has format version {index.get('format_version')}, this albor reads "
+            f"{FORMAT_VERSION}; {REGENERATE}"
+        )
+    required = {"vocab_size": int, "eos_id": int, "tokenizer_sha256": str, "fingerprint": str, "shards": list}
+    for key, typ in required.items():
+        if not isinstance(index.get(key), typ) or isinstance(index.get(key), bool):
+            raise DataError(f"dataset index {path} lacks a valid {key!r}; {REGENERATE}")
+    if index["vocab_size"] < 1:
+        raise DataError(f"dataset index {path} has vocab_size {index['vocab_size']}; {REGENERATE}")
+    for entry in index["shards"]:
+        ok = (
+            isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry.get("split") in SPLITS
+            and isinstance(entry.get("tokens"), int) and isinstance(entry.get("sha256"), str)
+            and "/" not in entry["name"] and "\\" not in entry["name"] and entry["name"] not in ("", ".", "..")
+        )
+        if not ok:
+            raise DataError(f"dataset index {path} has a malformed shard entry {entry!r}; {REGENERATE}")
+    return index

@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from albor.errors import DataError
+from albor.errors import ConfigError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
 VOCAB_FILE = "vocab.json"
@@ -37,12 +37,6 @@ class Tokenizer:
         """Token ids of each text; no special tokens are added."""
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.backend.decode(ids, skip_special_tokens=False)
-
 
 def tokenizer_sha256(directory: Path) -> str:
     """sha256 over the bytes of vocab.json followed by merges.txt."""
@@ -53,17 +47,25 @@ def tokenizer_sha256(directory: Path) -> str:
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load and check the tokenizer in ``directory``; DataError if unusable."""
+    """Load and check the tokenizer in ``directory``.
+
+    ConfigError (exit 2) when ``directory`` is not there or not a directory, DataError (exit 3) when
+    its files are missing or unusable.
+    """
     directory = Path(directory)
     fix = "point --tokenizer at a directory holding a byte-level BPE vocab.json and merges.txt"
+    if not directory.exists():  # a path that does not exist is a usage error, like any other flag
+        raise ConfigError(f"tokenizer directory {directory} does not exist; {fix}")
     if not directory.is_dir():
-        raise DataError(f"tokenizer directory {directory} does not exist; {fix}")
+        raise ConfigError(f"tokenizer {directory} is not a directory; {fix}")
     vocab_path, merges_path = directory / VOCAB_FILE, directory / MERGES_FILE
     for path in (vocab_path, merges_path):
         if not path.is_file():
             raise DataError(f"tokenizer file {path} is missing; {fix}")
     try:
         vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"tokenizer file {vocab_path} cannot be read ({e.strerror or e}); check its permissions") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"tokenizer file {vocab_path} is not valid JSON ({e}); regenerate it or {fix}") from e
     if not isinstance(vocab, dict) or not vocab:
