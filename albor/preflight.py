@@ -1,8 +1,9 @@
 """Checks that need no process group and no model: shared by a real run and ``--dry-run``.
 
 The config itself is validated at construction; this adds what depends on the
-machine and the launcher: the DeepSpeed config against the world size and the
-device, the fault-drill switch, and the sequence length against the model.
+machine and the launcher: the installed torch and DeepSpeed, the DeepSpeed
+config against the world size and the device, the fault-drill switch, and the
+sequence length against the model.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from albor.config import PretrainConfig
+from albor.distributed.compat import check_environment, cpu_bf16_supported
 from albor.distributed.ds_config import default_ds_config_path, load_ds_config, resolve_ds_config
 from albor.distributed.process_group import device_type, launched_world_size
 from albor.errors import ConfigError
@@ -30,21 +30,19 @@ class Preflight:
     device_type: str
 
 
-def _cpu_bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def preflight(config: PretrainConfig) -> Preflight:
-    """Everything checkable before the process group; raises ConfigError (exit 2)."""
-    faults = fault_plan_from_env()
+    """Everything checkable before the process group.
+
+    Raises UnsupportedEnvironmentError (exit 6) when the installed torch or
+    DeepSpeed lacks a name albor relies on, ConfigError (exit 2) for the rest.
+    """
+    check_environment()
     world_size, device = launched_world_size(), device_type()
+    faults = fault_plan_from_env(world_size=world_size)
     ds_path = config.ds_config or default_ds_config_path(device, world_size)
     ds = resolve_ds_config(
         load_ds_config(ds_path), config, world_size=world_size, device_type=device,
-        bf16_supported=_cpu_bf16_supported(), source=str(ds_path),
+        bf16_supported=cpu_bf16_supported(), source=str(ds_path),
     )
     max_positions = model_preset(config.model).max_position_embeddings
     if config.seq_length > max_positions:

@@ -11,18 +11,23 @@ PY="${PYTHON:-python3}"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
+# The tested torch and DeepSpeed ranges, as pyproject.toml pins them (one source).
+pinned() { grep -o "\"$1[<>=][^\"]*\"" pyproject.toml | tr -d '"'; }
+TORCH_SPEC=$(pinned torch)
+DEEPSPEED_SPEC=$(pinned deepspeed)
+
 if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    python -m pip install -q "torch>=2.5,<3"
+    python -m pip install -q "$TORCH_SPEC"
   else
-    python -m pip install -q "torch==2.13.0"  # the CPU build on this project's machines
+    python -m pip install -q "torch==2.13.0"  # in that range: the CPU build on this project's machines
   fi
 fi
 # DeepSpeed builds from source: without build isolation it compiles against the
 # torch above instead of downloading a second (CUDA) torch into a build env.
 if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)"; then
   python -m pip install -q setuptools wheel
-  python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+  python -m pip install -q --no-build-isolation "$DEEPSPEED_SPEC"
 fi
 # Reinstall albor (editable) only when its declared dependencies changed.
 stamp="$VENV/.albor-pyproject.sha256"

@@ -11,10 +11,9 @@ except that DeepSpeed states older than the last two are pruned.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from albor.apr import write_apr
 from albor.contract import EpochArtifact
 from albor.data.loader import TrainLoader
+from albor.distributed.compat import checkpoint_writes_through
 from albor.distributed.process_group import DistEnv
 from albor.loop import CheckpointError
 from albor.model import ModelConfig, to_hf_state_dict
@@ -68,7 +68,7 @@ class EpochCheckpoint:
         latest = self.ds_dir / "latest"
         previous_latest: str | None = None
         errors: list[str] = []
-        with self.env.patient():  # writing GBs can outlast the step timeout
+        with self.env.startup_timeout():  # writing GBs can outlast the step timeout
             if self.env.is_main:
                 try:
                     previous_latest = latest.read_text() if latest.is_file() else None
@@ -80,9 +80,11 @@ class EpochCheckpoint:
                         artifact.checkpoint_path, to_hf_state_dict(self.engine.module),
                         apr_metadata(self.model_cfg, {"epoch": epoch}),
                     ))
-            # Every rank joins DeepSpeed's collective save, even after a local failure; its
-            # own file writes record their errors instead of raising between its collectives.
-            with _writes_recorded(self.engine, errors):
+            # Every rank joins DeepSpeed's collective save, even after a local failure. The save
+            # runs collectives (barriers, a tag check) between its file writes: a write that
+            # raised on one rank would skip the rest and leave its peers in a barrier until the
+            # timeout. Recorded instead, every rank finishes the same collectives and votes.
+            with checkpoint_writes_through(self.engine, lambda write: _record(errors, write)):
                 _record(errors, lambda: self.engine.save_checkpoint(
                     str(self.ds_dir), tag=tag, save_latest=False,
                     client_state={
@@ -96,7 +98,7 @@ class EpochCheckpoint:
                 _record(errors, lambda: write_text_atomic(latest, tag))
                 _record(errors, lambda: write_json_atomic(artifact.metadata_path, metadata))
             try:
-                failed = self.env.any_rank(bool(errors))
+                failed = self.env.ranks_where(bool(errors))
             except BaseException:  # a peer died mid-save: nothing of this epoch may look complete
                 if self.env.is_main:
                     self._undo(artifact, tag, previous_latest)
@@ -142,39 +144,3 @@ def _attempt(action) -> str | None:
 def _record(errors: list[str], action) -> None:
     if (problem := _attempt(action)) is not None:
         errors.append(problem)
-
-
-class _RecordingIO:
-    """DeepSpeed's checkpoint engine, with failed writes recorded instead of raised."""
-
-    def __init__(self, inner, errors: list[str]) -> None:
-        self._inner, self._errors = inner, errors
-
-    def save(self, state_dict, path) -> None:
-        _record(self._errors, lambda: self._inner.save(state_dict, path))
-
-    def makedirs(self, path, exist_ok=False) -> None:
-        _record(self._errors, lambda: self._inner.makedirs(path, exist_ok=exist_ok))
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-@contextlib.contextmanager
-def _writes_recorded(engine, errors: list[str]) -> Iterator[None]:
-    """During ``engine.save_checkpoint``: file errors are recorded, not raised.
-
-    DeepSpeed's save runs collectives (barriers, a tag check) between its file
-    writes. A write that raised on one rank would skip the rest and leave its
-    peers waiting in a barrier until the timeout; recorded, it lets every rank
-    finish the same collectives and reach albor's vote.
-    """
-    inner = engine.checkpoint_engine
-    engine.checkpoint_engine = _RecordingIO(inner, errors)
-    copy_scripts = engine._copy_recovery_script
-    engine._copy_recovery_script = lambda path: _record(errors, lambda: copy_scripts(path))
-    try:
-        yield
-    finally:
-        engine.checkpoint_engine = inner
-        del engine._copy_recovery_script  # the instance attribute; the method shows through again

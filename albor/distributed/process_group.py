@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from albor.distributed.compat import set_group_timeouts
+
 #: First collectives may wait for a rank that tokenizes a raw corpus or compiles an op.
 STARTUP_TIMEOUT_S = float(os.environ.get("ALBOR_STARTUP_TIMEOUT_S", 900))
 #: After the first step a lost peer should end the job quickly (torchtitan does the same).
@@ -57,7 +59,7 @@ class DistEnv:
         slots[self.rank] = value  # own slot only: the SUM is exact and acts as a gather
         return self.all_reduce_sum_(slots).tolist()
 
-    def any_rank(self, flag: bool) -> list[int]:
+    def ranks_where(self, flag: bool) -> list[int]:
         """The ranks where ``flag`` is true, known to every rank."""
         return [r for r, v in enumerate(self.per_rank(float(flag))) if v]
 
@@ -75,15 +77,11 @@ class DistEnv:
         Every group, not just the default one: ZeRO reduces and gathers on groups
         DeepSpeed made itself, which otherwise keep torch's 10 or 30 minutes.
         """
-        timeout = datetime.timedelta(seconds=seconds)
-        c10d = dist.distributed_c10d
-        for group in list(c10d._world.pg_map):
-            if not c10d._rank_not_in_group(group):
-                c10d._set_pg_timeout(timeout, group)
+        set_group_timeouts(seconds)
 
     @contextlib.contextmanager
-    def patient(self) -> Iterator[None]:
-        """Startup timeout for slow collective phases (checkpoints), then back to the step timeout."""
+    def startup_timeout(self) -> Iterator[None]:
+        """The start-up timeout for a slow collective phase (a checkpoint), then the step timeout again."""
         self.set_timeout(STARTUP_TIMEOUT_S)
         try:
             yield
@@ -119,6 +117,12 @@ def is_initialized() -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group on a clean exit (not on the error path: no collectives there)."""
+    """Leave the process group on a clean exit (not on the error path: no collectives there).
+
+    Through DeepSpeed, which then also forgets the groups it cached: a later
+    process group in the same process (a test, a benchmark) starts clean.
+    """
     if dist.is_initialized():
-        dist.destroy_process_group()
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()

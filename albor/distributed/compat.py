@@ -1,0 +1,254 @@
+"""Every private torch and DeepSpeed name albor uses, behind small functions, checked at start-up.
+
+albor needs four things neither library offers publicly: a new collective
+timeout on every process group (DeepSpeed makes its own groups), ZeRO's
+partition of the optimizer state (for the optimizer-state sha), DeepSpeed's
+checkpoint file writes (so a failed write cannot strand the peers in a barrier)
+and whether the CPU has bf16. Each use lives here and nowhere else in albor,
+except one override: albor.model.rope's ``_apply`` (checked here all the same).
+:func:`check_environment` runs before any process group and verifies that
+every name albor touches still exists, so a torch or DeepSpeed upgrade that
+moves one fails at once with one line (exit 6), not deep inside a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import os
+import types
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from albor.errors import UnsupportedEnvironmentError
+
+#: The ranges albor is tested with; pyproject.toml and launcher/setup.sh pin the same.
+TESTED_TORCH = "torch>=2.13,<2.14"
+TESTED_DEEPSPEED = "deepspeed>=0.19.8,<0.20"
+
+_C10D = "torch.distributed.distributed_c10d"
+_ENGINE = "deepspeed.runtime.engine.DeepSpeedEngine"
+_CHECKPOINT_ENGINE = "deepspeed.runtime.checkpoint_engine.checkpoint_engine.CheckpointEngine"
+_ZERO = "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer"
+
+#: (owner, name): every name the functions below touch, as an attribute of its module or class.
+_TORCH_NAMES = [
+    (f"{_C10D}._world", "pg_map"),
+    (_C10D, "_rank_not_in_group"),
+    (_C10D, "_set_pg_timeout"),
+    ("torch.distributed.ProcessGroup", "_get_backend"),
+    ("torch.distributed.ProcessGroup", "_device_types"),
+    ("torch.distributed.ProcessGroupGloo", "options"),
+    ("torch.distributed.ProcessGroupGloo.Options", "_timeout"),
+    ("torch.ops.mkldnn", "_is_mkldnn_bf16_supported"),
+    # Not used here: albor.model.rope overrides it to rebuild its float32 tables after a move or cast.
+    ("torch.nn.Module", "_apply"),
+]
+_NCCL_NAMES = [
+    ("torch.distributed.ProcessGroupNCCL", "options"),
+    ("torch.distributed.ProcessGroupNCCL.Options", "_timeout"),
+]
+_DEEPSPEED_NAMES = [
+    (_ENGINE, "_copy_recovery_script"),
+    (_CHECKPOINT_ENGINE, "save"),
+    (_CHECKPOINT_ENGINE, "makedirs"),
+]
+#: Instance attributes cannot be looked up without an instance (an engine): these
+#: are checked as names the class's own methods still read or set.
+_DEEPSPEED_INSTANCE_NAMES = [
+    (_ENGINE, "checkpoint_engine"),
+    (_ZERO, "single_partition_of_fp32_groups"),
+    (_ZERO, "partition_size"),
+    (_ZERO, "groups_padding"),
+    (_ZERO, "optimizer"),
+]
+
+
+# --- process groups -----------------------------------------------------------------
+
+
+def set_group_timeouts(seconds: float) -> None:
+    """Change the collective timeout of every process group this rank is in, from now on.
+
+    torch's public API sets a timeout only when a group is made; DeepSpeed makes
+    its own groups for ZeRO's reduces and gathers. torch's setter only warns for
+    a backend it cannot change, so the result is read back: a timeout that did
+    not take would silently keep torch's 10 or 30 minutes.
+    """
+    wanted = datetime.timedelta(seconds=seconds)
+    c10d = dist.distributed_c10d
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(wanted, group)
+    if any(abs(got - wanted) >= datetime.timedelta(milliseconds=1) for got in group_timeouts()):
+        raise _unsupported([f"{_C10D}._set_pg_timeout (left a group's timeout unchanged)"])
+
+
+def group_timeouts() -> list[datetime.timedelta]:
+    """The collective timeout of each backend of every process group this rank is in."""
+    c10d = dist.distributed_c10d
+    return [
+        group._get_backend(device).options._timeout
+        for group in list(c10d._world.pg_map)
+        if not c10d._rank_not_in_group(group)
+        for device in group._device_types
+    ]
+
+
+# --- ZeRO's optimizer state ---------------------------------------------------------
+
+
+class ZeroPartition(NamedTuple):
+    """One param group's share on this rank: fp32 master weights and Adam's moments, unpadded.
+
+    A moment is None where the optimizer holds none (before its first step).
+    """
+
+    master: torch.Tensor
+    exp_avg: torch.Tensor | None
+    exp_avg_sq: torch.Tensor | None
+
+
+def zero_partitions(zero_optimizer: Any) -> list[ZeroPartition]:
+    """This rank's partition of each param group of a ZeRO stage 1/2 optimizer, as views.
+
+    Only the last rank's partition ends in alignment padding; it is cut off, so
+    the views hold exactly the parameters this rank owns.
+    """
+    partitions = []
+    for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+        real = zero_optimizer.partition_size[i] - zero_optimizer.groups_padding[i]
+        state = zero_optimizer.optimizer.state.get(flat, {})
+        exp_avg, exp_avg_sq = (state[key][:real] if key in state else None for key in ("exp_avg", "exp_avg_sq"))
+        partitions.append(ZeroPartition(flat[:real], exp_avg, exp_avg_sq))
+    return partitions
+
+
+# --- DeepSpeed's checkpoint writes --------------------------------------------------
+
+
+class _RoutedWrites:
+    """DeepSpeed's checkpoint engine, with its file writes passed through ``run_write``."""
+
+    def __init__(self, inner: Any, run_write: Callable[[Callable[[], object]], None]) -> None:
+        self._inner, self._run_write = inner, run_write
+
+    def save(self, state_dict, path) -> None:
+        self._run_write(lambda: self._inner.save(state_dict, path))
+
+    def makedirs(self, path, exist_ok=False) -> None:
+        self._run_write(lambda: self._inner.makedirs(path, exist_ok=exist_ok))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def checkpoint_writes_through(engine: Any, run_write: Callable[[Callable[[], object]], None]) -> Iterator[None]:
+    """While inside, every file write of ``engine.save_checkpoint`` is the call ``run_write(write)``.
+
+    Covers DeepSpeed's state files and directories (its checkpoint engine) and
+    the recovery scripts it copies beside them. ``run_write`` decides what a
+    failed write does (albor's checkpoint records it instead of raising).
+    """
+    inner = engine.checkpoint_engine
+    copy_scripts = engine._copy_recovery_script
+    engine.checkpoint_engine = _RoutedWrites(inner, run_write)
+    engine._copy_recovery_script = lambda path: run_write(lambda: copy_scripts(path))
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
+        del engine._copy_recovery_script  # the instance attribute; the method shows through again
+
+
+# --- the CPU ----------------------------------------------------------------------------
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes in bf16 natively (oneDNN's own test; torch has no public one)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except RuntimeError:  # a torch built without oneDNN
+        return False
+
+
+# --- the start-up check ---------------------------------------------------------------
+
+
+def check_environment() -> None:
+    """Raise :class:`UnsupportedEnvironmentError` (exit 6) if a private name used here is gone.
+
+    Looks the names up on torch's and DeepSpeed's modules and classes only:
+    no process group, no engine, nothing written.
+    """
+    _tell_deepspeed_the_device()
+    names = _TORCH_NAMES + (_NCCL_NAMES if dist.is_nccl_available() else []) + _DEEPSPEED_NAMES
+    missing = [f"{owner}.{name}" for owner, name in names if not _present(owner, name, hasattr)]
+    missing += [
+        f"{owner}.{name}" for owner, name in _DEEPSPEED_INSTANCE_NAMES if not _present(owner, name, _used_by_methods)
+    ]
+    if missing:
+        raise _unsupported(missing)
+
+
+def _tell_deepspeed_the_device() -> None:
+    # albor trains on CUDA when torch sees a GPU and on the CPU otherwise. Saying so
+    # before DeepSpeed's first import spares its probe, which otherwise prints a
+    # warning on stdout (into a dry run's YAML).
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _present(owner: str, name: str, test: Callable[[Any, str], bool]) -> bool:
+    try:
+        return bool(test(_resolve(owner), name))
+    except Exception:  # a module or class that moved is as missing as the name on it
+        return False
+
+
+def _resolve(dotted: str) -> Any:
+    """The object a dotted path names: the longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(dotted)
+
+
+def _used_by_methods(cls: type, name: str) -> bool:
+    """Whether a method defined on ``cls`` reads or sets an attribute called ``name``."""
+
+    def names(code: types.CodeType) -> set[str]:
+        nested = (c for c in code.co_consts if isinstance(c, types.CodeType))
+        return set(code.co_names).union(*map(names, nested))
+
+    return any(
+        name in names(fn.__code__) for fn in vars(cls).values() if isinstance(fn, types.FunctionType)
+    )
+
+
+def _unsupported(missing: list[str]) -> UnsupportedEnvironmentError:
+    return UnsupportedEnvironmentError(
+        f"torch {torch.__version__} and DeepSpeed {_deepspeed_version()} lack what albor relies on "
+        f"({', '.join(missing)}): install the tested versions, "
+        f"pip install '{TESTED_TORCH}' '{TESTED_DEEPSPEED}'"
+    )
+
+
+def _deepspeed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepspeed")
+    except PackageNotFoundError:
+        return "(not installed)"
