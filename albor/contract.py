@@ -2,7 +2,9 @@
 
 Records, abort reasons and gates. Nothing here knows about torch, ranks or
 files: every rank calls these functions on the same all-reduced numbers, so
-every rank reaches the same verdict (DESIGN §1, §2).
+every rank reaches the same verdict. docs/contract.md lists every gate and
+the code that enforces it; docs/distributed-step.md explains how the ranks
+come to hold the same numbers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from albor.errors import ExitCode
 
 #: Gate 005: val_loss[N] may be at most this times val_loss[N-1] (exactly 2.0 passes).
 DIVERGENCE_RATIO_LIMIT = 2.0
-#: Gate 005, finetune regime: epoch-zero val_loss cap (the MODEL-1 v2 literal).
+#: Gate 005, finetune regime: epoch-zero val_loss cap (a fixed number in the contract, not derived).
 FINETUNE_EPOCH_ZERO_CAP = 10.0
 
 
@@ -45,6 +47,7 @@ class AbortReason(enum.Enum):
     THROUGHPUT_OUT_OF_RANGE = ExitCode.THROUGHPUT_OUT_OF_RANGE
     RANK_FAILURE = ExitCode.RANK_FAILURE
     CHECKPOINT_FAILED = ExitCode.CHECKPOINT_FAILED
+    STOPPED_BY_SIGNAL = ExitCode.STOPPED_BY_SIGNAL  # not a fault: the run was asked to stop
 
     @property
     def exit_code(self) -> ExitCode:

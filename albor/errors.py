@@ -19,11 +19,13 @@ class ExitCode(enum.IntEnum):
     DATA = 3  # dataset or tokenizer missing, malformed or too small
     TARGET_NOT_MET = 4  # the run ended cleanly but final val_loss > target_val_loss (gate 003)
     CHECKPOINT_FAILED = 5  # an epoch checkpoint could not be written; the run stopped
+    UNSUPPORTED_ENVIRONMENT = 6  # the installed torch/DeepSpeed lack a name albor relies on
     DIVERGENCE = 10  # gate 005: val_loss more than doubled between epochs
     DIVERGENCE_AT_EPOCH_ZERO = 11  # gate 005: epoch-0 val_loss above the regime cap
     NUMERICAL_INSTABILITY = 12  # gate 007: NaN/Inf loss, grad norm, lr, val loss, or a skipped step
     THROUGHPUT_OUT_OF_RANGE = 13  # gate 008: tokens/s, GPU util or wall time out of range
     RANK_FAILURE = 14  # an exception on some rank, or a lost peer
+    STOPPED_BY_SIGNAL = 15  # SIGTERM/SIGUSR1 reached a rank: every rank stopped at the same step boundary
 
 
 class AlborError(Exception):
@@ -36,6 +38,12 @@ class ConfigError(AlborError):
     """Invalid run configuration or command line."""
 
     exit_code = ExitCode.USAGE
+
+
+class UnsupportedEnvironmentError(AlborError):
+    """The installed torch or DeepSpeed moved a private name albor relies on."""
+
+    exit_code = ExitCode.UNSUPPORTED_ENVIRONMENT
 
 
 class DataError(AlborError):

@@ -1,11 +1,18 @@
-"""The fault drill: inject a NaN loss, an exception or a SIGKILL on one rank at one step.
+"""The fault drill: inject a NaN loss, an exception, a SIGKILL or a validation spike on one rank.
 
 Off unless ``ALBOR_FAULT`` is set, for operators rehearsing an incident and for
 the multi-rank tests (Megatron-LM ships the same kind of error injection).
-The value is ``KIND:RANK:STEP`` with KIND one of ``nan`` (the rank's loss
-becomes NaN before backward), ``raise`` (the rank raises before its forward
-pass) or ``kill`` (the rank SIGKILLs itself before its forward pass), e.g.
-``ALBOR_FAULT=nan:1:3``.
+The value is ``KIND:RANK:WHEN``:
+
+- ``nan:R:S``: rank R's loss becomes NaN before backward at step S;
+- ``raise:R:S``: rank R raises before its forward pass at step S;
+- ``kill:R:S``: rank R SIGKILLs itself before its forward pass at step S;
+- ``val-spike:R:E``: rank R's share of epoch E's validation loss is multiplied
+  by :data:`VAL_SPIKE_FACTOR`, so the all-reduced val_loss jumps as it does when a
+  run really diverges between two validations (gate 005).
+
+e.g. ``ALBOR_FAULT=nan:1:3``. A rank outside the job is refused: a drill
+that can never fire would rehearse nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +25,11 @@ from collections.abc import Mapping
 from albor.errors import ConfigError
 
 ENV_VAR = "ALBOR_FAULT"
-KINDS = ("nan", "raise", "kill")
+STEP_KINDS = ("nan", "raise", "kill")
+EPOCH_KINDS = ("val-spike",)
+KINDS = STEP_KINDS + EPOCH_KINDS
+#: With 2 ranks this makes the mean val_loss ~5.5x the previous epoch's: well past gate 005's 2.0.
+VAL_SPIKE_FACTOR = 10.0
 
 
 class InjectedFault(RuntimeError):
@@ -29,37 +40,48 @@ class InjectedFault(RuntimeError):
 class FaultPlan:
     kind: str
     rank: int
-    step: int
+    when: int  # a step, or an epoch for the epoch kinds
 
-    def fires(self, rank: int, step: int) -> bool:
-        return rank == self.rank and step == self.step
+    @property
+    def unit(self) -> str:
+        return "epoch" if self.kind in EPOCH_KINDS else "step"
+
+    def _fires(self, kind: str, rank: int, when: int) -> bool:
+        return self.kind == kind and rank == self.rank and when == self.when
 
     def before_forward(self, rank: int, step: int) -> None:
         """Raise or die here when the drill says so."""
-        if not self.fires(rank, step):
-            return
-        if self.kind == "raise":
+        if self._fires("raise", rank, step):
             raise InjectedFault(f"fault drill: exception injected on rank {rank} at step {step}")
-        if self.kind == "kill":
+        if self._fires("kill", rank, step):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def poisons_loss(self, rank: int, step: int) -> bool:
-        return self.kind == "nan" and self.fires(rank, step)
+        return self._fires("nan", rank, step)
+
+    def val_loss_factor(self, rank: int, epoch: int) -> float:
+        """What this rank's validation loss sum is multiplied by in ``epoch`` (1.0 unless drilled)."""
+        return VAL_SPIKE_FACTOR if self._fires("val-spike", rank, epoch) else 1.0
 
 
-def fault_plan_from_env(environ: Mapping[str, str] = os.environ) -> FaultPlan | None:
-    """Parse ``ALBOR_FAULT``; None when unset or empty."""
+def fault_plan_from_env(environ: Mapping[str, str] = os.environ, *, world_size: int) -> FaultPlan | None:
+    """Parse ``ALBOR_FAULT`` for a job of ``world_size`` ranks; None when unset or empty."""
     raw = environ.get(ENV_VAR, "").strip()
     if not raw:
         return None
     parts = raw.split(":")
     try:
-        kind, rank, step = parts[0], int(parts[1]), int(parts[2])
-        if len(parts) != 3 or kind not in KINDS or rank < 0 or step < 0:
+        kind, rank, when = parts[0], int(parts[1]), int(parts[2])
+        if len(parts) != 3 or kind not in KINDS or rank < 0 or when < 0:
             raise ValueError
     except (ValueError, IndexError):
         raise ConfigError(
-            f"{ENV_VAR}={raw!r} is not KIND:RANK:STEP with KIND one of {', '.join(KINDS)} "
-            f"(e.g. nan:1:3); unset it for a normal run"
+            f"{ENV_VAR}={raw!r} is not KIND:RANK:STEP (or val-spike:RANK:EPOCH) with KIND one of "
+            f"{', '.join(KINDS)} (e.g. nan:1:3); unset it for a normal run"
         ) from None
-    return FaultPlan(kind, rank, step)
+    if rank >= world_size:
+        raise ConfigError(
+            f"{ENV_VAR}={raw!r} names rank {rank}, but this job has {world_size} rank(s) (0..{world_size - 1}): "
+            "the drill would never fire; name a rank of the job, or unset it"
+        )
+    return FaultPlan(kind, rank, when)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from albor.config import PretrainConfig
 from albor.contract import (
@@ -31,7 +30,7 @@ from albor.contract import (
     perplexity,
 )
 from albor.errors import ExitCode
-from albor.run_files import RunFiles
+from albor.run_files import STATUS_FILE, RunFiles
 from albor.schedule import lr_at
 
 log = logging.getLogger("albor")
@@ -48,26 +47,22 @@ class StepResult:
     step_applied: bool = True  # False when the optimizer skipped the step
     rank_error: str | None = None  # an exception some rank caught during the step
     flagged_ranks: tuple[int, ...] = ()  # ranks that saw the fault first
+    stop_requested_ranks: tuple[int, ...] = ()  # ranks a stop signal reached: every rank stops after this step
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # telemetry beyond the contract
 
 
 class StepFn(Protocol):
-    """One optimizer step at learning rate ``lr``."""
+    """One optimizer step at learning rate ``lr``, and the sha256 of the optimizer state it leaves."""
 
     def __call__(self, step: int, lr: float) -> StepResult: ...
+
+    def optimizer_state_sha(self) -> str: ...
 
 
 class ValFn(Protocol):
     """Held-out loss after ``epoch``, the same on every rank."""
 
     def __call__(self, epoch: int) -> float: ...
-
-
-@runtime_checkable
-class OptimizerStateDigest(Protocol):
-    """A step function that owns a real optimizer exposes its state's sha256."""
-
-    def optimizer_state_sha(self) -> str: ...
 
 
 class CheckpointWriter(Protocol):
@@ -88,6 +83,7 @@ class RunStatus(str, enum.Enum):
     OK = "ok"  # all epochs ran, or the target was reached
     EARLY_STOP = "early_stop"  # patience ran out (gate 004)
     ABORTED = "aborted"  # a gate fired or a checkpoint failed
+    STOPPED = "stopped"  # a stop signal reached a rank; every rank stopped at the same step boundary
 
 
 @dataclasses.dataclass
@@ -126,14 +122,6 @@ class RunResult:
             "target_val_loss": self.target_val_loss,
             "target_met": self.target_met,
         }
-
-
-def synthetic_optimizer_sha(seed: int, epoch: int, tokens_seen: int) -> str:
-    """The seed driver's fingerprint for step functions without an optimizer (tests only)."""
-    h = hashlib.sha256(b"albor:pretrain:optstate:synthetic:v1:")
-    for n in (seed, epoch, tokens_seen):
-        h.update(n.to_bytes(8, "little"))
-    return h.hexdigest()
 
 
 class PretrainLoop:
@@ -231,6 +219,14 @@ class PretrainLoop:
             ) from None
         if self.on_step is not None:
             self.on_step(record)
+        if result.stop_requested_ranks:  # the step itself was good and is recorded; nothing runs after it
+            kept = f"epoch-{self.epoch_metadata[-1].epoch:03d}" if self.epoch_metadata else "none yet"
+            raise ContractAbort(
+                AbortReason.STOPPED_BY_SIGNAL,
+                f"STOPPED_BY_SIGNAL after step {step}: SIGTERM/SIGUSR1 reached rank(s) "
+                f"{', '.join(map(str, result.stop_requested_ranks))}; last complete checkpoint: {kept}",
+                step=step, epoch=epoch, ranks=result.stop_requested_ranks,
+            )
         return metrics, now
 
     # ── one epoch ───────────────────────────────────────────────────────
@@ -249,7 +245,7 @@ class PretrainLoop:
             grad_norm_max = max(grad_norm_max, m.grad_norm)
 
         val_loss = self.val_fn(epoch)
-        if not math.isfinite(val_loss):  # gate 007 first, as the seed does, at every epoch including 0
+        if not math.isfinite(val_loss):  # gate 007 before gate 005, at every epoch including 0: a NaN is an instability, not a divergence
             raise ContractAbort(
                 AbortReason.NUMERICAL_INSTABILITY,
                 f"NUMERICAL_INSTABILITY at epoch {epoch}: val_loss = {val_loss} is not a finite number",
@@ -258,10 +254,7 @@ class PretrainLoop:
         self.val_losses.append(val_loss)
         check_non_divergence(epoch, self.val_losses, c.regime, self.vocab_size)  # gate 005
 
-        if isinstance(self.step_fn, OptimizerStateDigest):
-            sha, sha_source = self.step_fn.optimizer_state_sha(), "optimizer"
-        else:
-            sha, sha_source = synthetic_optimizer_sha(c.seed, epoch, self.tokens_seen), "synthetic"
+        sha = self.step_fn.optimizer_state_sha()
         train_loss = sum(losses) / len(losses)
         meta = EpochMetadata(
             epoch=epoch,
@@ -277,7 +270,6 @@ class PretrainLoop:
         artifact = EpochArtifact.for_epoch(c.output_dir, epoch)
         metadata = {
             **{k: json_number(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(meta).items()},
-            "optimizer_state_sha_source": sha_source,
             **self.metadata_extra,
         }
         try:
@@ -323,7 +315,8 @@ class PretrainLoop:
                 if meta.val_loss <= c.target_val_loss and epoch + 1 >= c.min_epochs_before_early_stop:
                     break  # gate 003 met: no compute spent past the target
         except ContractAbort as e:
-            status, abort = RunStatus.ABORTED, e
+            status = RunStatus.STOPPED if e.reason is AbortReason.STOPPED_BY_SIGNAL else RunStatus.ABORTED
+            abort = e
         passed = [m.val_loss for m in self.epoch_metadata]  # epochs that passed gate 005
         result = RunResult(
             status=status,
@@ -335,7 +328,7 @@ class PretrainLoop:
             abort=abort,
         )
         try:
-            self.files.write_json(self.files.status_path, result.to_dict())
+            self.files.write_json(STATUS_FILE, result.to_dict())
         except OSError as e:  # the exit code still tells the truth
             log.error("cannot write %s: %s", self.files.status_path, e)
         return result

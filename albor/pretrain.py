@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain an albor model under the training contract (C-TRAIN-PRETRAIN v1.5).",
         epilog="Flags override --config values, which override --mode presets. "
         "Exit codes: 0 ok, 1 internal error, 2 usage, 3 data, 4 target missed, 5 checkpoint failed, "
-        "10 divergence, 11 divergence at epoch 0, 12 numerical instability, "
-        "13 throughput out of range, 14 rank failure.",
+        "6 unsupported torch/DeepSpeed, 10 divergence, 11 divergence at epoch 0, 12 numerical instability, "
+        "13 throughput out of range, 14 rank failure, 15 stopped by SIGTERM/SIGUSR1, "
+        "128+N killed by a second signal N.",
     )
     p.add_argument("--config", type=Path, help="YAML file of config fields (see README)")
     p.add_argument("--dataset", type=Path, help="token index.json, its directory, or a raw corpus (.txt/.py/.jsonl)")

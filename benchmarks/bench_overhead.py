@@ -37,7 +37,7 @@ step do nothing; the grad norm and step-applied flag come from the real engine):
     all-reduce is a no-op: the fused all-reduce + ``.tolist()`` (also timed
     alone in a tight loop, which is faster: no wake-up latency);
   * that no-op ``DeepSpeedStep`` minus the bare loop around the same stub: the
-    step function's local work (set_lr, flags, stack, ``_combine``), with
+    step function's local work (set_lr, flags, stack, ``combine_rows``), with
     ``GpuUtilization.read()`` (NVML, or a 0 without a GPU) alone;
   * ``PretrainLoop.train_step`` around a step function returning a fixed result
     (lr, gates, StepMetrics, the ``metrics.jsonl`` line, ``on_step``), on rank 0,
@@ -155,16 +155,13 @@ def worker(args: argparse.Namespace) -> int:
 
     from albor.config import PretrainConfig
     from albor.console import format_step, setup_logging
-    from albor.data.loader import TokenDataset, TrainLoader, index_vocab_size
+    from albor.data.loader import TrainLoader
     from albor.distributed.ds_config import DS_CONFIG_DIR, load_ds_config, resolve_ds_config
-    from albor.distributed.engine import build_engine
     from albor.distributed.process_group import DistEnv, init_distributed, shutdown
     from albor.distributed.step import SLOTS, DeepSpeedStep
-    from albor.loop import PretrainLoop, StepResult
-    from albor.model import AlborLlama, flops_per_token, model_preset
+    from albor.loop import StepResult
     from albor.run_files import RunFiles
-    from albor.telemetry import GpuUtilization
-    from albor.train import _gpu_identity
+    from albor.run_setup import build_run, open_data
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
@@ -181,12 +178,9 @@ def worker(args: argparse.Namespace) -> int:
         say(f"no dataset at {args.dataset}: run `python benchmarks/bench_overhead.py` (it prepares one) or "
             "`albor prepare-data --builtin python-stdlib --output /tmp/bench-data --max-bytes 2000000`")
         return 2
-    vocab = index_vocab_size(index)
-    model_cfg = model_preset("tiny", vocab_size=vocab)
-    dataset = TokenDataset.open(index, vocab_size=vocab)
     ds_path = DS_CONFIG_DIR / "zero2-cpu-fp32.json"
     say(f"bench_overhead: world {env.world_size} on {env.device} | {threads} torch thread(s)/rank | "
-        f"model tiny (vocab {vocab}) | {ds_path.name} | dataset {args.dataset}")
+        f"model tiny | {ds_path.name} | dataset {args.dataset}")
 
     def max_over_ranks(x: float) -> float:
         t = torch.tensor([x], dtype=torch.float64)
@@ -215,31 +209,18 @@ def worker(args: argparse.Namespace) -> int:
         )
         accum = ds["gradient_accumulation_steps"]
 
-        def make_loader() -> TrainLoader:
-            return TrainLoader(dataset.split("train"), micro_batch=micro, seq_length=seq, rank=env.rank,
-                               world_size=env.world_size, seed=config.seed)
-
-        torch.manual_seed(config.seed)
-        engine = build_engine(AlborLlama(model_cfg), ds, env, lr=config.lr_max, weight_decay=config.weight_decay)
-
-        # (a) albor: the real step function and loop, as albor.train wires them.
-        device_name, uuid = _gpu_identity(env)
-        gpu = GpuUtilization(uuid)
-        step_fn = DeepSpeedStep(engine, make_loader(), env, grad_accumulation=accum, gpu=gpu)
+        # (a) albor: the run's parts and loop, built exactly as albor.train builds them.
+        data = open_data(config, env)
+        parts = build_run(config, env, ds, data)
+        engine, gpu = parts.engine, parts.gpu
         files = RunFiles(out_dir, enabled=main)
         log_every = max(1, min(50, config.steps_per_epoch // 4))
+
         def on_step(r: dict) -> None:  # albor.train's hook
             if r["step"] % log_every == 0:
                 logging.getLogger("albor").info(format_step(r))
 
-        def unused_val(epoch: int) -> float:
-            raise AssertionError("no epoch ends inside the benchmark")
-
-        loop = PretrainLoop(
-            config, step_fn, unused_val, None, vocab_size=vocab, files=files, on_step=on_step,
-            metadata_extra={"world_size": env.world_size}, flops_per_token=flops_per_token(model_cfg, seq),
-            peak_flops=None,
-        )
+        loop = parts.loop(config, env, files, on_step=on_step)
         next_step = [0]
 
         def albor_steps(n: int) -> None:  # run_epoch's inner loop
@@ -248,8 +229,9 @@ def worker(args: argparse.Namespace) -> int:
                 _, started = loop.train_step(next_step[0], 0, started)
                 next_step[0] += 1
 
-        # (b) bare DeepSpeed: nothing but forward, loss, backward, step.
-        bare_loader = make_loader()
+        # (b) bare DeepSpeed: nothing but forward, loss, backward, step, on a second cursor over the same data.
+        bare_loader = TrainLoader(data.dataset.split("train"), micro_batch=micro, seq_length=seq, rank=env.rank,
+                                  world_size=env.world_size, seed=config.seed)
 
         def bare_steps(n: int) -> None:
             for _ in range(n):
@@ -380,9 +362,9 @@ def worker(args: argparse.Namespace) -> int:
                 extra={"gpu_util_per_rank": [0.0] * env.world_size, "data_epoch": 0},
             )
             scratch = RunFiles((tmp_root / f"scratch-{micro}x{seq}") if tmp_root else out_dir, enabled=main)
-            loop_only = PretrainLoop(
-                config, lambda step, lr: fixed, unused_val, None, vocab_size=vocab, files=scratch,
-                on_step=on_step, flops_per_token=flops_per_token(model_cfg, seq), peak_flops=None,
+            # The same loop over a step function that returns a fixed result: the loop's own cost alone.
+            loop_only = dataclasses.replace(parts, step_fn=lambda step, lr: fixed).loop(
+                config, env, scratch, on_step=on_step
             )
 
             def loop_only_fn(k: int) -> None:
@@ -430,7 +412,7 @@ def worker(args: argparse.Namespace) -> int:
                 f" % of a bare step):")
             row("fused all-reduce + .tolist(), inside the step fn", comm,
                 f"(tight loop alone: {breakdown['allreduce_tight_us']:.0f} us)")
-            row("step fn local work (set_lr, flags, stack, _combine)", local,
+            row("step fn local work (set_lr, flags, stack, combine_rows)", local,
                 f"(stub step fn {breakdown['step_fn_no_comm_us']:.1f} - bare stub {breakdown['step_fn_bare_us']:.1f})")
             row(f"  incl. GpuUtilization.read() ({'NVML' if gpu.available else 'no GPU: returns 0'})",
                 breakdown["gpu_read_us"])
@@ -443,7 +425,7 @@ def worker(args: argparse.Namespace) -> int:
         if main:
             lines = (out_dir / "metrics.jsonl").read_text().count("\n")
             say(f"  metrics.jsonl: {lines} lines written by the albor loop ({out_dir})")
-        del loop, step_fn, engine
+        del loop, parts, engine
         gc.collect()
         dist.barrier()
 

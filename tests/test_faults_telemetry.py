@@ -3,23 +3,41 @@
 import pytest
 
 from albor.errors import ConfigError
-from albor.faults import FaultPlan, InjectedFault, fault_plan_from_env
+from albor.faults import VAL_SPIKE_FACTOR, FaultPlan, InjectedFault, fault_plan_from_env
 from albor.telemetry import GpuUtilization, peak_flops
 
 
 def test_fault_switch_is_off_by_default():
-    assert fault_plan_from_env({}) is None
-    assert fault_plan_from_env({"ALBOR_FAULT": " "}) is None
+    assert fault_plan_from_env({}, world_size=2) is None
+    assert fault_plan_from_env({"ALBOR_FAULT": " "}, world_size=2) is None
 
 
 def test_fault_switch_parses():
-    assert fault_plan_from_env({"ALBOR_FAULT": "nan:1:3"}) == FaultPlan("nan", 1, 3)
+    assert fault_plan_from_env({"ALBOR_FAULT": "nan:1:3"}, world_size=2) == FaultPlan("nan", 1, 3)
+    assert fault_plan_from_env({"ALBOR_FAULT": "val-spike:0:1"}, world_size=1) == FaultPlan("val-spike", 0, 1)
 
 
-@pytest.mark.parametrize("raw", ["nan", "nan:1", "boom:1:3", "nan:x:3", "nan:1:-1", "nan:1:3:4"])
+@pytest.mark.parametrize("raw", ["nan", "nan:1", "boom:1:3", "nan:x:3", "nan:1:-1", "nan:1:3:4", "val:0:1"])
 def test_fault_switch_rejects_garbage(raw):
     with pytest.raises(ConfigError, match="ALBOR_FAULT"):
-        fault_plan_from_env({"ALBOR_FAULT": raw})
+        fault_plan_from_env({"ALBOR_FAULT": raw}, world_size=2)
+
+
+@pytest.mark.parametrize(("raw", "world_size"), [("nan:2:3", 2), ("raise:1:0", 1), ("val-spike:8:1", 8)])
+def test_fault_switch_refuses_a_rank_outside_the_job(raw, world_size):
+    # A drill that names a rank the job does not have would never fire: a rehearsal of nothing.
+    with pytest.raises(ConfigError, match=rf"names rank \d+, but this job has {world_size} rank") as e:
+        fault_plan_from_env({"ALBOR_FAULT": raw}, world_size=world_size)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+
+
+def test_val_spike_scales_only_its_rank_and_epoch():
+    plan = FaultPlan("val-spike", 1, 2)
+    assert plan.val_loss_factor(1, 2) == VAL_SPIKE_FACTOR == 10.0
+    assert plan.val_loss_factor(0, 2) == plan.val_loss_factor(1, 1) == 1.0
+    assert not plan.poisons_loss(1, 2)
+    plan.before_forward(1, 2)  # an epoch drill never fires inside a step
+    assert FaultPlan("nan", 1, 2).val_loss_factor(1, 2) == 1.0
 
 
 def test_fault_fires_only_on_its_rank_and_step():

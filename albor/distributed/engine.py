@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import deepspeed
 import torch
 from torch import nn
 
@@ -21,6 +20,8 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
 
 def build_engine(model: nn.Module, ds_config: dict[str, Any], env: DistEnv, *, lr: float, weight_decay: float):
     """``deepspeed.initialize`` with AdamW; the contract sets the lr on every step."""
+    import deepspeed  # here, not at the top: the step and its tests need set_lr, not DeepSpeed's import time
+
     deepspeed.utils.logger.setLevel(logging.WARNING)
     groups = adamw_param_groups(model, weight_decay)
     ds_config = dict(ds_config)

@@ -24,6 +24,7 @@ from albor.distributed.optimizer_sha import optimizer_state_sha
 from albor.distributed.process_group import STEP_TIMEOUT_S, DistEnv
 from albor.faults import FaultPlan
 from albor.loop import StepResult
+from albor.stop_signal import StopSignals
 from albor.telemetry import GpuUtilization
 
 log = logging.getLogger("albor")
@@ -34,12 +35,44 @@ SLOTS = 5
 # Fault flags, most specific first: the ranks holding the first one present are "the ranks that saw it first".
 LOCAL_ERROR, LOSS_NONFINITE, NORM_INVALID, STEP_SKIPPED = 8, 1, 2, 4
 FLAG_PRIORITY = (LOCAL_ERROR, LOSS_NONFINITE, NORM_INVALID, STEP_SKIPPED)
+# Not a fault: a stop signal reached this rank; every rank stops after this step (albor.stop_signal).
+STOP_REQUESTED = 16
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the batch's tokens, computed in float32."""
     # logits (B, T, V), targets (B, T)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def combine_rows(rows: list[list[float]], *, data_epoch: int) -> StepResult:
+    """Every rank's slots, in rank order, into the step's one result.
+
+    Identical arithmetic, in rank order, on identical numbers: an identical verdict on every rank.
+    """
+    flags = [int(r[FLAGS]) for r in rows]
+    flagged: tuple[int, ...] = ()
+    for bit in FLAG_PRIORITY:
+        flagged = tuple(r for r, f in enumerate(flags) if f & bit)
+        if flagged:
+            break
+    error = None
+    if any(f & LOCAL_ERROR for f in flags):
+        # The same words on every rank; the failing rank logged its own traceback.
+        error = f"exception on rank(s) {', '.join(map(str, flagged))}; see that rank's log for the traceback"
+    total_tokens = sum(r[TOKENS] for r in rows)
+    utils = [r[GPU_UTIL] for r in rows]
+    return StepResult(
+        train_loss=sum(r[LOSS_SUM] for r in rows) / max(total_tokens, 1.0),
+        grad_norm=rows[0][GRAD_NORM],  # DeepSpeed's norm is already global: the same on every rank
+        tokens=int(total_tokens),
+        gpu_util_pct=sum(utils) / len(utils),
+        step_applied=not any(f & STEP_SKIPPED for f in flags),
+        rank_error=error,
+        flagged_ranks=flagged,
+        stop_requested_ranks=tuple(r for r, f in enumerate(flags) if f & STOP_REQUESTED),
+        extra={"gpu_util_per_rank": utils, "data_epoch": data_epoch},
+    )
 
 
 class DeepSpeedStep:
@@ -54,6 +87,7 @@ class DeepSpeedStep:
         grad_accumulation: int,
         gpu: GpuUtilization,
         faults: FaultPlan | None = None,
+        stop: StopSignals | None = None,
     ) -> None:
         self.engine = engine
         self.loader = loader
@@ -61,6 +95,7 @@ class DeepSpeedStep:
         self.grad_accumulation = grad_accumulation
         self.gpu = gpu
         self.faults = faults
+        self.stop = stop
         self._buffer = torch.zeros(env.world_size * SLOTS, dtype=torch.float64, device=env.device)
         self._host_row = torch.zeros(SLOTS, dtype=torch.float64)
         if env.device.type == "cuda":
@@ -117,7 +152,10 @@ class DeepSpeedStep:
         host = self._host_row
         host[TOKENS] = tokens
         host[GPU_UTIL] = self.gpu.read()
-        host[FLAGS] = (0 if applied else STEP_SKIPPED) + (LOCAL_ERROR if failed else 0)
+        host[FLAGS] = (
+            (0 if applied else STEP_SKIPPED) + (LOCAL_ERROR if failed else 0)
+            + (STOP_REQUESTED if self.stop is not None and self.stop.requested else 0)
+        )
         host[GRAD_NORM] = math.nan if norm is None else 0.0 if torch.is_tensor(norm) else float(norm)
         buf = self._buffer.zero_()
         row = buf[self.env.rank * SLOTS : (self.env.rank + 1) * SLOTS]
@@ -134,32 +172,7 @@ class DeepSpeedStep:
         if not self._first_step_done:
             self._first_step_done = True
             self.env.set_timeout(STEP_TIMEOUT_S)
-        return self._combine(rows)
-
-    def _combine(self, rows: list[list[float]]) -> StepResult:
-        """Identical arithmetic, in rank order, on identical numbers: an identical verdict everywhere."""
-        flags = [int(r[FLAGS]) for r in rows]
-        flagged: tuple[int, ...] = ()
-        for bit in FLAG_PRIORITY:
-            flagged = tuple(r for r, f in enumerate(flags) if f & bit)
-            if flagged:
-                break
-        error = None
-        if any(f & LOCAL_ERROR for f in flags):
-            # The same words on every rank; the failing rank logged its own traceback above.
-            error = f"exception on rank(s) {', '.join(map(str, flagged))}; see that rank's log for the traceback"
-        total_tokens = sum(r[TOKENS] for r in rows)
-        utils = [r[GPU_UTIL] for r in rows]
-        return StepResult(
-            train_loss=sum(r[LOSS_SUM] for r in rows) / max(total_tokens, 1.0),
-            grad_norm=rows[0][GRAD_NORM],  # DeepSpeed's norm is already global: the same on every rank
-            tokens=int(total_tokens),
-            gpu_util_pct=sum(utils) / len(utils),
-            step_applied=not any(f & STEP_SKIPPED for f in flags),
-            rank_error=error,
-            flagged_ranks=flagged,
-            extra={"gpu_util_per_rank": utils, "data_epoch": self.loader.data_epoch},
-        )
+        return combine_rows(rows, data_epoch=self.loader.data_epoch)
 
     def optimizer_state_sha(self) -> str:
         return optimizer_state_sha(self.engine, self.env)

@@ -7,15 +7,17 @@ import torch
 from albor.data.loader import ValidationLoader
 from albor.distributed.process_group import DistEnv
 from albor.distributed.step import token_loss
+from albor.faults import FaultPlan
 
 
 class DeepSpeedValidation:
     """Mean cross-entropy over every validation token, identical on every rank."""
 
-    def __init__(self, engine, loader: ValidationLoader, env: DistEnv) -> None:
+    def __init__(self, engine, loader: ValidationLoader, env: DistEnv, faults: FaultPlan | None = None) -> None:
         self.engine = engine
         self.loader = loader
         self.env = env
+        self.faults = faults
 
     @torch.no_grad()
     def __call__(self, epoch: int) -> float:
@@ -27,6 +29,8 @@ class DeepSpeedValidation:
                 targets = targets.to(self.env.device, non_blocking=True)
                 totals[0] += token_loss(self.engine(inputs), targets).double() * targets.numel()
                 totals[1] += targets.numel()
+            if self.faults is not None:  # the val-spike drill scales this rank's share before the reduce
+                totals[0] *= self.faults.val_loss_factor(self.env.rank, epoch)
             loss_sum, tokens = self.env.all_reduce_sum_(totals).tolist()
             return loss_sum / tokens
         finally:
