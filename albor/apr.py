@@ -1,4 +1,4 @@
-"""Read and write `.apr` checkpoints (APR v2, DESIGN §4), as aprender writes them.
+"""Read and write `.apr` checkpoints (APR v2, docs/checkpoints.md), as aprender writes them.
 
 Layout (all integers little-endian)::
 
@@ -45,13 +45,11 @@ FLAG_LAYOUT_ROW_MAJOR = 0x0400
 FLAGS_UNSUPPORTED = {0x0001: "LZ4-compressed", 0x0002: "zstd-compressed",
                      0x0004: "encrypted", 0x0800: "column-major"}
 
-# Header field byte offsets, derived from the field order in DESIGN §4:
+# Header field byte offsets (the table in docs/checkpoints.md):
 # magic 0..4, major 4, minor 5, flags 6..8, tensor_count 8..12,
 # metadata_offset 12..20, metadata_size 20..24, tensor_index_offset 24..32,
 # data_offset 32..40, header_crc32 40..44, reserved 44..64 (zero).
-OFF_MAGIC, OFF_MAJOR, OFF_MINOR, OFF_FLAGS, OFF_TENSOR_COUNT = 0, 4, 5, 6, 8
-OFF_METADATA_OFFSET, OFF_METADATA_SIZE, OFF_TENSOR_INDEX_OFFSET = 12, 20, 24
-OFF_DATA_OFFSET, OFF_HEADER_CRC, OFF_RESERVED = 32, 40, 44
+OFF_HEADER_CRC = 40
 # One struct for bytes 0..40; "<" means little-endian with no implicit padding.
 _HEADER_FIELDS = struct.Struct("<4sBBHIQIQQ")
 assert _HEADER_FIELDS.size == OFF_HEADER_CRC

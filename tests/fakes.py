@@ -1,18 +1,25 @@
-"""Synthetic collaborators for loop tests (gate 010: never on the real command path)."""
+"""Test doubles for loop tests: step, validation and checkpoint collaborators, and a clock.
+
+The real command never uses them (gate 010, docs/contract.md). Every fake step
+function has an optimizer state and a real ``optimizer_state_sha()`` of it, as
+every step function the loop drives must.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 from pathlib import Path
 
+from albor.atomic_files import write_json_atomic
 from albor.config import PretrainConfig
 from albor.contract import EpochArtifact
 from albor.loop import CheckpointError, StepResult
-from albor.run_files import write_json_atomic
 
 
 def loop_config(tmp: Path, **kw) -> PretrainConfig:
-    """The seed's test config: 25 steps, 5 per epoch, finetune regime."""
+    """A small finetune-regime test config: 25 steps, 5 per epoch, lr 1e-4 → 1e-6 after 2 warmup steps."""
     (tmp / "data").mkdir(parents=True, exist_ok=True)
     (tmp / "data" / "index.json").write_text("{}")  # config validation only looks for it
     base = dict(
@@ -23,29 +30,65 @@ def loop_config(tmp: Path, **kw) -> PretrainConfig:
     return PretrainConfig(**{**base, **kw})
 
 
-class LinearDecay:
+def applied_steps_sha(applied: list[tuple[int, float]]) -> str:
+    """sha256 of a fake optimizer's state: every (step, lr) it applied, in order."""
+    h = hashlib.sha256(b"albor-tests:fake-optimizer:")
+    for step, lr in applied:
+        h.update(struct.pack("<qd", step, lr))
+    return h.hexdigest()
+
+
+class FakeOptimizer:
+    """The state of a fake step function: the (step, lr) pairs it was driven with.
+
+    ``optimizer_state_sha()`` hashes that state, so it changes with every step
+    and tells a test exactly when the loop asked for it.
+    """
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[int, float]] = []
+
+    @property
+    def lrs(self) -> list[float]:
+        return [lr for _, lr in self.applied]
+
+    def optimizer_state_sha(self) -> str:
+        return applied_steps_sha(self.applied)
+
+
+class LinearDecay(FakeOptimizer):
     """train_loss falls linearly with the step."""
 
     def __init__(self, start=3.5, decay=0.1, grad_norm=0.8, tokens=8):
+        super().__init__()
         self.start, self.decay, self.grad_norm, self.tokens = start, decay, grad_norm, tokens
-        self.lrs: list[float] = []
 
     def __call__(self, step: int, lr: float) -> StepResult:
-        self.lrs.append(lr)
+        self.applied.append((step, lr))
         return StepResult(max(self.start - self.decay * step, 1e-4), self.grad_norm, self.tokens, gpu_util_pct=50.0)
 
 
-class NanAtStep:
+class NanAtStep(FakeOptimizer):
+    """Loss 1.0 on every step but ``nan_step``, where rank 1 sees NaN first."""
+
     def __init__(self, nan_step: int):
+        super().__init__()
         self.nan_step = nan_step
 
     def __call__(self, step: int, lr: float) -> StepResult:
+        self.applied.append((step, lr))
         return StepResult(math.nan if step == self.nan_step else 1.0, 1.0, 8, flagged_ranks=(1,) if step == self.nan_step else ())
 
 
-class WithSha(LinearDecay):
-    def optimizer_state_sha(self) -> str:
-        return "a" * 64
+class SteppingClock:
+    """A clock that advances ``dt`` seconds on every read (exact in binary for dt = 0.25)."""
+
+    def __init__(self, dt: float = 0.25) -> None:
+        self.dt, self.now = dt, 0.0
+
+    def __call__(self) -> float:
+        self.now += self.dt
+        return self.now
 
 
 class ScriptedVal:

@@ -1,4 +1,4 @@
-"""Tests for albor.apr: the byte layout of DESIGN §4, validation, and atomic writes."""
+"""Tests for albor.apr: the byte layout (docs/checkpoints.md, "The `.apr` file"), validation, and atomic writes."""
 
 from __future__ import annotations
 

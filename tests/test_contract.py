@@ -1,4 +1,4 @@
-"""Gates 005, 007 and 008 as pure functions (ports of the seed's falsifiers)."""
+"""Gates 005, 007 and 008 as pure functions (the gates are listed in docs/contract.md)."""
 
 import math
 
@@ -145,13 +145,6 @@ def test_step_metrics_accepts_healthy():
 def test_step_metrics_rejects(field, value, reason):
     a = _abort(_metrics(**{field: value}).validate)
     assert (a.reason, a.field) == (reason, field)
-
-
-def test_step_metrics_wall_ms_consistent_with_tokens_per_sec():
-    batch_tokens, elapsed = 1024, 0.5
-    m = _metrics(tokens_per_sec=batch_tokens / elapsed, wall_ms=elapsed * 1000.0)
-    m.validate()
-    assert m.tokens_per_sec * m.wall_ms / 1000.0 == pytest.approx(batch_tokens, abs=0.5)
 
 
 def test_each_abort_reason_has_its_own_exit_code():

@@ -6,11 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# A declared test dependency (pyproject's [test] extra): a broken install must fail
+# this module, not skip it and drop the parity claim without a word.
+import transformers
+
 from albor.model import AlborLlama, hf_config_dict, load_hf_state_dict, model_preset, to_hf_state_dict
 
-transformers = pytest.importorskip("transformers")
-
 VOCAB = 1000
+# Not transformers' default (10000): a theta that never reached LlamaConfig would
+# leave HF at 10000 and move the logits by ~1e-2, far past the 1e-4 checked below.
+ROPE_THETA = 500000.0
 GRAD_NAMES = (
     "model.embed_tokens.weight",
     "model.layers.1.self_attn.q_proj.weight",
@@ -20,7 +25,7 @@ GRAD_NAMES = (
 
 
 def build_pair(attn: str) -> tuple[AlborLlama, torch.nn.Module]:
-    cfg = model_preset("tiny", vocab_size=VOCAB)
+    cfg = model_preset("tiny", vocab_size=VOCAB).replace(rope_theta=ROPE_THETA)
     assert cfg.num_kv_heads < cfg.num_heads and cfg.tie_embeddings  # exercise GQA and tying
     torch.manual_seed(0)
     ours = AlborLlama(cfg)
@@ -31,7 +36,9 @@ def build_pair(attn: str) -> tuple[AlborLlama, torch.nn.Module]:
                 p.uniform_(0.5, 1.5)
     hf_cfg = transformers.LlamaConfig(**hf_config_dict(cfg), attn_implementation=attn)
     hf = transformers.LlamaForCausalLM(hf_cfg)
-    assert hf.config.rope_parameters["rope_theta"] == cfg.rope_theta
+    # HF's own RoPE frequencies, against the closed form 1 / theta^(2i/d) for d = 32.
+    expected_inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    torch.testing.assert_close(hf.model.rotary_emb.inv_freq.double(), expected_inv_freq, rtol=1e-6, atol=0)
     hf.load_state_dict(to_hf_state_dict(ours, include_tied_head=True), strict=True)
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
     return ours.train(), hf.train()  # dropout is 0 in both; train() is what pretraining runs

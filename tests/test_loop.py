@@ -1,4 +1,4 @@
-"""The loop driver with synthetic collaborators (ports of the seed's driver tests)."""
+"""The loop driver with test doubles for the step, validation, checkpoint and clock (tests/fakes.py)."""
 
 import json
 import math
@@ -9,17 +9,19 @@ from albor.contract import AbortReason
 from albor.errors import ExitCode
 from albor.loop import PretrainLoop, RunStatus, StepResult
 from albor.run_files import RunFiles
-from fakes import LinearDecay, NanAtStep, RecordingCheckpoint, ScriptedVal, WithSha, loop_config
+from fakes import LinearDecay, NanAtStep, RecordingCheckpoint, ScriptedVal, SteppingClock, applied_steps_sha, loop_config
 
 CONTRACT_FIELDS = {"step", "train_loss", "grad_norm", "lr", "tokens_per_sec", "gpu_util_pct", "wall_ms"}
 META_FIELDS = {"epoch", "train_loss", "val_loss", "train_ppl", "val_ppl", "optimizer_state_sha", "wall_seconds", "tokens_seen", "grad_norm_max"}
 
 
-def make_loop(tmp_path, step_fn=None, val=(3.4, 3.0, 2.6, 2.2, 2.0), ckpt=None, rank=0, **cfg):
+def make_loop(tmp_path, step_fn=None, val=(3.4, 3.0, 2.6, 2.2, 2.0), ckpt=None, rank=0, clock=None, **cfg):
     config = loop_config(tmp_path, **cfg)
     files = RunFiles(config.output_dir, enabled=rank == 0)
+    extra = {} if clock is None else {"clock": clock}
     loop = PretrainLoop(
-        config, step_fn or LinearDecay(), ScriptedVal(val), ckpt or RecordingCheckpoint(), vocab_size=50257, files=files
+        config, step_fn or LinearDecay(), ScriptedVal(val), ckpt or RecordingCheckpoint(), vocab_size=50257, files=files,
+        **extra,
     )
     return loop, config
 
@@ -29,7 +31,8 @@ def read_jsonl(path):
 
 
 def test_happy_path_decreasing_loss(tmp_path):
-    loop, cfg = make_loop(tmp_path)
+    step_fn = LinearDecay(tokens=8)
+    loop, cfg = make_loop(tmp_path, step_fn=step_fn, clock=SteppingClock(0.25))
     result = loop.run()
     assert result.status is RunStatus.OK and result.exit_code == ExitCode.OK
     # Target 2.2 reached at epoch 3 with min_epochs 1: no compute is spent past it.
@@ -38,13 +41,19 @@ def test_happy_path_decreasing_loss(tmp_path):
     assert [r["step"] for r in rows] == list(range(20))
     for r in rows:  # gate 001
         assert CONTRACT_FIELDS <= set(r)
-        assert r["tokens_per_sec"] * r["wall_ms"] / 1000.0 == pytest.approx(8)
+        # The clock moves 0.25 s a read and the loop reads it once a step: each step
+        # took 250 ms for its 8 tokens, i.e. 32 tokens/s (a per-step figure, not cumulative).
+        assert (r["wall_ms"], r["tokens_per_sec"]) == (250.0, 32.0)
+        assert r["train_loss"] == pytest.approx(3.5 - 0.1 * r["step"]) and r["grad_norm"] == 0.8
     assert len(loop.epoch_metadata) == 4
     for epoch in range(4):  # gate 002
         meta = json.loads((cfg.output_dir / "ckpt" / f"epoch-{epoch:03d}.metadata.json").read_text())
         assert META_FIELDS <= set(meta) and meta["epoch"] == epoch
-        assert len(meta["optimizer_state_sha"]) == 64
         assert meta["tokens_seen"] == 8 * 5 * (epoch + 1)
+        # Five steps of 0.25 s plus the validation read: 6 reads after the epoch's first.
+        assert meta["wall_seconds"] == 1.5
+        # Mean of the epoch's losses 3.5 - 0.1·step over its five steps (the middle one's).
+        assert meta["train_loss"] == pytest.approx(3.5 - 0.1 * (5 * epoch + 2))
     status = json.loads((cfg.output_dir / "status.json").read_text())
     assert status["status"] == "ok" and status["exit_code"] == 0 and status["target_met"] is True
 
@@ -69,7 +78,7 @@ def test_aborts_on_nan_at_step_3_before_logging_it(tmp_path):
     assert (a.reason, a.step, a.field, a.ranks) == (AbortReason.NUMERICAL_INSTABILITY, 3, "train_loss", (1,))
     assert result.exit_code == ExitCode.NUMERICAL_INSTABILITY
     assert [r["step"] for r in read_jsonl(cfg.output_dir / "metrics.jsonl")] == [0, 1, 2]
-    assert ckpt.calls == []  # the seed's "skips checkpoint on abort"
+    assert ckpt.calls == []  # an aborted epoch writes no checkpoint
     status = json.loads((cfg.output_dir / "status.json").read_text())
     assert status["abort"]["step"] == 3 and status["abort"]["ranks"] == [1] and status["abort"]["value"] == "nan"
 
@@ -106,12 +115,26 @@ def test_throughput_gate_008(tmp_path):
     assert result.exit_code == ExitCode.THROUGHPUT_OUT_OF_RANGE and result.abort.step == 0
 
 
+def closed_form_lr(step, lr_max=1e-4, lr_min=1e-6, warmup=2, total=25):
+    """docs/contract.md's schedule, written out for loop_config's numbers (not albor.schedule)."""
+    if step < warmup:
+        return lr_max * step / warmup
+    return lr_min + (lr_max - lr_min) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
 def test_loop_feeds_the_schedule(tmp_path):
     step_fn = LinearDecay()
-    loop, _ = make_loop(tmp_path, step_fn=step_fn, target_val_loss=1.0)
+    loop, cfg = make_loop(tmp_path, step_fn=step_fn, target_val_loss=1.0)
     loop.run()
-    assert step_fn.lrs == [loop.lr_at(s) for s in range(25)]
-    assert step_fn.lrs[0] == 0.0 and step_fn.lrs[2] == pytest.approx(1e-4)
+    assert [s for s, _ in step_fn.applied] == list(range(25))
+    assert step_fn.lrs == pytest.approx([closed_form_lr(s) for s in range(25)], rel=1e-12, abs=0)
+    # Hand values: warmup 0, 5e-5; the peak at step 2; the cosine's midpoint falls between
+    # steps 13 and 14 (progress 11.5/23); the last step is one cosine step above lr_min.
+    assert step_fn.lrs[:3] == [0.0, 5e-5, pytest.approx(1e-4)]
+    assert step_fn.lrs[13] > (1e-4 + 1e-6) / 2 > step_fn.lrs[14]
+    assert step_fn.lrs[24] == pytest.approx(1e-6 + 9.9e-5 * 0.5 * (1 - math.cos(math.pi / 23)))
+    # ... and metrics.jsonl logs the lr each step used.
+    assert [r["lr"] for r in read_jsonl(cfg.output_dir / "metrics.jsonl")] == step_fn.lrs
 
 
 def test_checkpoint_called_once_per_passing_epoch(tmp_path):
@@ -124,22 +147,18 @@ def test_checkpoint_called_once_per_passing_epoch(tmp_path):
         assert path.with_name(f"epoch-{epoch:03d}.metadata.json").exists()
 
 
-def test_optimizer_sha_from_step_fn_wins(tmp_path):
-    loop, _ = make_loop(tmp_path, step_fn=WithSha())
+def test_optimizer_sha_is_the_step_fns_after_the_epochs_last_step(tmp_path):
+    step_fn = LinearDecay()
+    loop, cfg = make_loop(tmp_path, step_fn=step_fn, target_val_loss=1.0)
     loop.run()
-    assert {m.optimizer_state_sha for m in loop.epoch_metadata} == {"a" * 64}
-    meta = json.loads((loop.config.output_dir / "ckpt" / "epoch-000.metadata.json").read_text())
-    assert meta["optimizer_state_sha_source"] == "optimizer"
-
-
-def test_optimizer_sha_fallback_for_synthetic_step_fns(tmp_path):
-    loop, _ = make_loop(tmp_path)
-    loop.run()
-    shas = [m.optimizer_state_sha for m in loop.epoch_metadata]
-    assert all(len(s) == 64 and int(s, 16) >= 0 for s in shas)
-    assert len(set(shas)) == len(shas)  # depends on the epoch and tokens seen
-    meta = json.loads((loop.config.output_dir / "ckpt" / "epoch-000.metadata.json").read_text())
-    assert meta["optimizer_state_sha_source"] == "synthetic"  # never passed off as a real state
+    assert len(step_fn.applied) == 25
+    for epoch in range(5):
+        # The state after exactly this epoch's steps: not one step early, not one late.
+        expected = applied_steps_sha(step_fn.applied[: 5 * (epoch + 1)])
+        assert loop.epoch_metadata[epoch].optimizer_state_sha == expected
+        meta = json.loads((cfg.output_dir / "ckpt" / f"epoch-{epoch:03d}.metadata.json").read_text())
+        assert meta["optimizer_state_sha"] == expected
+        assert "optimizer_state_sha_source" not in meta  # every step function has a real optimizer state
 
 
 def test_checkpoint_failure_stops_run_and_keeps_earlier_epochs(tmp_path):

@@ -35,7 +35,7 @@ def module_count(model: torch.nn.Module) -> int:
 # ---------------------------------------------------------------- config
 
 
-def test_albor_370m_preset_matches_design() -> None:
+def test_albor_370m_preset_matches_readme() -> None:
     cfg = model_preset("albor-370m")
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (1024, 24, 16, 4)
     assert (cfg.head_dim, cfg.intermediate_size) == (64, 2816)

@@ -88,7 +88,7 @@ class ModelConfig:
 
 
 _PRESETS: dict[str, ModelConfig] = {
-    # DESIGN §3, C-LLAMA-370M.
+    # C-LLAMA-370M: the contract's model (373.5M parameters with the head counted, 322.0M unique).
     "albor-370m": ModelConfig(
         hidden_size=1024,
         num_layers=24,
