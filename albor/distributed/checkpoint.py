@@ -127,7 +127,9 @@ class EpochCheckpoint:
                 log.error("cleaning up the failed epoch: %s", problem)
 
     def _prune(self, keep: int) -> None:
-        tags = sorted(p for p in self.ds_dir.glob("epoch-*") if p.is_dir())
+        # By number: past epoch 999 the names stop sorting as text does ("epoch-1000" < "epoch-999").
+        tags = sorted((p for p in self.ds_dir.glob("epoch-*") if p.is_dir() and p.name[6:].isdigit()),
+                      key=lambda p: int(p.name[6:]))
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
