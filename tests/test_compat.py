@@ -207,6 +207,49 @@ def test_zero_partitions_cut_the_padding_and_report_a_missing_moment():
     assert second.master.tolist() == [0, 1, 2, 3] and second.exp_avg is None and second.exp_avg_sq is None
 
 
+def test_zero_group_layouts_give_each_groups_size_and_this_ranks_place(engine):
+    """One rank: partition 0 of 1, holding the whole group (both groups' sizes are even: no padding)."""
+    decay = sum(p.numel() for p in engine.module.parameters() if p.ndim >= 2)
+    no_decay = sum(p.numel() for p in engine.module.parameters() if p.ndim < 2)
+    layouts = compat.zero_group_layouts(engine.optimizer)
+    assert layouts == [compat.ZeroGroupLayout(0, 1, decay, decay), compat.ZeroGroupLayout(0, 1, no_decay, no_decay)]
+    assert [layout.start for layout in layouts] == [0, 0]
+    # Other world sizes (start = rank x partition size, padding at the end): tests/test_sha_world_size.py.
+
+
+@pytest.mark.parametrize("field", ["round_robin_bit16_indices", "round_robin_bit16_padding"])
+def test_zero_group_layouts_refuse_a_group_out_of_parameter_order(engine, monkeypatch, field):
+    """round_robin_gradients reorders a group by world size, parameter alignment pads inside it."""
+    per_group = [list(values) for values in getattr(engine.optimizer, field)]
+    per_group[1] = per_group[1][::-1] if field == "round_robin_bit16_indices" else [0] * (len(per_group[1]) - 1) + [2]
+    monkeypatch.setattr(engine.optimizer, field, per_group)
+    with pytest.raises(RuntimeError, match="group 1 is not laid out in parameter order.*round_robin_gradients to"):
+        compat.zero_group_layouts(engine.optimizer)
+
+
+LAYOUT_FIELDS = ["real_dp_process_group", "round_robin_bit16_groups", "round_robin_bit16_indices",
+                 "round_robin_bit16_padding"]
+
+
+@pytest.mark.parametrize("name", LAYOUT_FIELDS)
+def test_each_layout_field_is_checked_at_start_up(monkeypatch, name):
+    """A ZeRO optimizer whose methods set every field albor reads but ``name`` is refused, naming only it."""
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    zero = "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer"
+    kept = [field for owner, field in compat._DEEPSPEED_INSTANCE_NAMES if owner == zero and field != name]
+    assert len(kept) >= len(LAYOUT_FIELDS) + 3
+    namespace: dict = {}
+    # Generated: the check reads the attribute names a method's code sets, so the stand-in needs real code.
+    exec("def __init__(self):\n" + "".join(f"    self.{field} = None\n" for field in kept), namespace)
+    monkeypatch.setattr(stage_1_and_2, "DeepSpeedZeroOptimizer",
+                        type("DeepSpeedZeroOptimizer", (), {"__init__": namespace["__init__"]}))
+    with pytest.raises(UnsupportedEnvironmentError) as caught:
+        compat.check_environment()
+    missing = re.search(r"lack what albor relies on \((.*)\): install", str(caught.value)).group(1).split(", ")
+    assert missing == [f"{zero}.{name}"]
+
+
 def test_checkpoint_writes_go_through_the_caller(engine, tmp_path):
     """Every file DeepSpeed's save writes passes run_write, so a failed one need not raise; restored after."""
     inner = engine.checkpoint_engine
@@ -239,3 +282,51 @@ def test_checkpoint_writes_go_through_the_caller(engine, tmp_path):
     saved = {p.name for p in (tmp_path / "ok").iterdir()}
     assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= saved
     assert (tmp_path / "zero_to_fp32.py").is_file()
+
+
+# --- checkpoints: the fp32 master weights and DeepSpeed's universal format ---------------
+
+
+def test_zero_master_groups_place_every_parameter_at_its_offset(engine):
+    """One rank holds each whole group: every parameter's slice of its partition is that parameter (fp32, CPU)."""
+    groups = compat.zero_master_groups(engine.optimizer)
+    assert len(groups) == 2
+    placed = [p for group in groups for p, _ in group.params]
+    assert sorted(map(id, placed)) == sorted(id(p) for p in engine.module.parameters())  # each exactly once
+    for i, (group, flat) in enumerate(zip(groups, engine.optimizer.single_partition_of_fp32_groups)):
+        assert group.partition.data_ptr() == flat.data_ptr()  # the optimizer's own tensor, not a copy
+        assert [offset for _, offset in group.params] == engine.optimizer.round_robin_bit16_offsets[i]
+        for p, offset in group.params:
+            assert torch.equal(group.partition[offset:offset + p.numel()].view(p.shape), p.detach())
+
+
+def test_zero_master_groups_skip_the_padding_between_parameters():
+    """DeepSpeed's parameter alignment pads after a parameter; the next one starts past it."""
+    a, b, c = (torch.nn.Parameter(torch.zeros(shape)) for shape in ((3,), (2, 2), (1,)))
+    optimizer = types.SimpleNamespace(single_partition_of_fp32_groups=[torch.zeros(16)],
+                                      round_robin_bit16_groups=[[a, b, c]], round_robin_bit16_padding=[[1, 2, 0]])
+    (group,) = compat.zero_master_groups(optimizer)
+    assert [(p is q, offset) for (p, offset), q in zip(group.params, (a, b, c))] == [(True, 0), (True, 4), (True, 10)]
+
+
+def test_the_universal_converter_is_checked_at_start_up(monkeypatch):
+    from deepspeed.checkpoint import ds_to_universal
+
+    monkeypatch.delattr(ds_to_universal, "main")
+    with pytest.raises(UnsupportedEnvironmentError, match=r"deepspeed\.checkpoint\.ds_to_universal\.main"):
+        compat.check_environment()
+
+
+def test_convert_to_universal_writes_each_parameters_state_quietly_and_no_pointer(engine, tmp_path, capfd):
+    engine.save_checkpoint(str(tmp_path), tag="t", save_latest=False)
+    capfd.readouterr()
+    compat.convert_to_universal(tmp_path / "t", tmp_path / "t_universal")
+    assert capfd.readouterr() == ("", "")  # its progress goes to albor's debug log, not to stdout
+    out = tmp_path / "t_universal"
+    for name, p in engine.module.named_parameters():
+        for state in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert (out / "zero" / name / f"{state}.pt").is_file(), (name, state)
+        fp32 = torch.load(out / "zero" / name / "fp32.pt", weights_only=False)["param"]
+        assert torch.equal(fp32, p.detach()), name
+    assert (out / "zero" / "optimizer_state.pt").is_file() and (out / "mp_rank_00_model_states.pt").is_file()
+    assert not (tmp_path / "latest_universal").exists()  # albor names the tag itself; no stray pointer

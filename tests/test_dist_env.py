@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import time
 from pathlib import Path
 from unittest import mock
@@ -124,7 +123,6 @@ def _scenarios(rank: int, world_size: int, dataset: Path, tmp: Path) -> dict[str
         "where_rank_1": env.ranks_where(rank == 1),
         "where_none": env.ranks_where(False),
         "where_all": env.ranks_where(True),
-        "digest": env.combined_digest(hashlib.sha256(f"albor rank {rank}".encode()).digest()),
         "votes": _dataset_votes(rank, config, env),
         "timeouts": _timeouts(rank, env, groups, tmp / "store"),
     }
@@ -148,12 +146,6 @@ def test_per_rank_gathers_every_rank_in_order(ranks):
 def test_ranks_where_lists_the_ranks_where_the_flag_holds(ranks):
     for r in ranks:
         assert (r["where_rank_1"], r["where_none"], r["where_all"]) == ([1], [], [0, 1])
-
-
-def test_combined_digest_hashes_the_ranks_digests_in_rank_order(ranks):
-    digests = [hashlib.sha256(f"albor rank {r}".encode()).digest() for r in range(WORLD)]
-    expected = hashlib.sha256(b"".join(digests)).hexdigest()
-    assert [r["digest"] for r in ranks] == [expected] * WORLD
 
 
 def test_dataset_opens_on_every_rank(ranks):

@@ -133,3 +133,13 @@ def test_cli_refuses_before_any_process_group(tmp_path, capsys):
     assert code == ExitCode.USAGE and err.count("\n") == 1
     assert "scheduler" in err and "gradient_clipping 3.0 != grad_clip 1.0" in err
     assert not (tmp_path / "run").exists() and not dist.is_initialized()
+
+
+def test_round_robin_gradients_is_refused(tmp_path):
+    # The sha and a resume on another world size read ZeRO's partitions in parameter order.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "index.json").write_text("{}")
+    config = PretrainConfig(dataset=tmp_path / "data", model="tiny")
+    ds = {"zero_optimization": {"stage": 2, "round_robin_gradients": True}}
+    with pytest.raises(ConfigError, match="round_robin_gradients is true"):
+        resolve_ds_config(ds, config, world_size=2, device_type="cpu", bf16_supported=False, source="x.json")

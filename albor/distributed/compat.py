@@ -1,10 +1,11 @@
 """Every private torch and DeepSpeed name albor uses, behind small functions, checked at start-up.
 
-albor needs four things neither library offers publicly: a new collective
+albor needs things neither library offers publicly: a new collective
 timeout on every process group (DeepSpeed makes its own groups), ZeRO's
-partition of the optimizer state (for the optimizer-state sha), DeepSpeed's
-checkpoint file writes (so a failed write cannot strand the peers in a barrier)
-and whether the CPU has bf16. Each use lives here and nowhere else in albor,
+partition of the optimizer state (for the optimizer-state sha and the fp32
+masters in the .apr), DeepSpeed's checkpoint file writes (so a failed write
+cannot strand the peers in a barrier), its universal-checkpoint conversion
+(to resume on another world size) and whether the CPU has bf16. Each use lives here and nowhere else in albor,
 except one override: albor.model.rope's ``_apply`` (checked here all the same).
 :func:`check_environment` runs before any process group and verifies that
 every name albor touches still exists, so a torch or DeepSpeed upgrade that
@@ -56,6 +57,8 @@ _DEEPSPEED_NAMES = [
     (_ENGINE, "_copy_recovery_script"),
     (_CHECKPOINT_ENGINE, "save"),
     (_CHECKPOINT_ENGINE, "makedirs"),
+    # Its command-line entry point, called in-process with the Namespace its parser would build.
+    ("deepspeed.checkpoint.ds_to_universal", "main"),
 ]
 #: Instance attributes cannot be looked up without an instance (an engine): these
 #: are checked as names the class's own methods still read or set.
@@ -65,6 +68,10 @@ _DEEPSPEED_INSTANCE_NAMES = [
     (_ZERO, "partition_size"),
     (_ZERO, "groups_padding"),
     (_ZERO, "optimizer"),
+    (_ZERO, "real_dp_process_group"),
+    (_ZERO, "round_robin_bit16_groups"),
+    (_ZERO, "round_robin_bit16_indices"),
+    (_ZERO, "round_robin_bit16_padding"),
 ]
 
 
@@ -126,6 +133,51 @@ def zero_partitions(zero_optimizer: Any) -> list[ZeroPartition]:
         exp_avg, exp_avg_sq = (state[key][:real] if key in state else None for key in ("exp_avg", "exp_avg_sq"))
         partitions.append(ZeroPartition(flat[:real], exp_avg, exp_avg_sq))
     return partitions
+
+
+class ZeroGroupLayout(NamedTuple):
+    """Where this rank's partition of one param group lies in the whole group.
+
+    The group's flat order is its parameters' order, concatenated, then
+    alignment padding at the very end; ``partition_size`` elements per rank,
+    in rank order.
+    """
+
+    partition_id: int  # this rank's place among the group's partitions
+    partition_count: int  # ranks the group is split over
+    partition_size: int  # elements per partition, padding included
+    numel: int  # the group's elements over every rank, without padding
+
+    @property
+    def start(self) -> int:
+        """This partition's first element in the group's flat order."""
+        return self.partition_id * self.partition_size
+
+
+def zero_group_layouts(zero_optimizer: Any) -> list[ZeroGroupLayout]:
+    """The layout of each param group of a ZeRO stage 1/2 optimizer, as seen from this rank.
+
+    Raises if a group's flat order is not its parameters' order: DeepSpeed's
+    ``round_robin_gradients`` reorders the parameters by world size, and
+    parameter alignment pads between them; neither is albor's configuration.
+    """
+    layouts = []
+    for i, params in enumerate(zero_optimizer.round_robin_bit16_groups):
+        if zero_optimizer.round_robin_bit16_indices[i] != list(range(len(params))) or any(
+            zero_optimizer.round_robin_bit16_padding[i]
+        ):
+            raise RuntimeError(
+                f"ZeRO param group {i} is not laid out in parameter order (DeepSpeed's round_robin_gradients or"
+                " parameter alignment); set zero_optimization.round_robin_gradients to false"
+            )
+        group = zero_optimizer.real_dp_process_group[i]
+        layouts.append(ZeroGroupLayout(
+            partition_id=dist.get_rank(group=group),
+            partition_count=dist.get_world_size(group=group),
+            partition_size=int(zero_optimizer.partition_size[i]),
+            numel=sum(p.numel() for p in params),
+        ))
+    return layouts
 
 
 # --- DeepSpeed's checkpoint writes --------------------------------------------------
@@ -252,3 +304,66 @@ def _deepspeed_version() -> str:
         return version("deepspeed")
     except PackageNotFoundError:
         return "(not installed)"
+
+
+# --- checkpoints: the fp32 master weights, and DeepSpeed's universal format ------------
+
+
+class ZeroMasterGroup(NamedTuple):
+    """One param group's fp32 master weights on this rank, and where each parameter lies in the group.
+
+    The group's flat order is every rank's partition, concatenated in rank
+    order; only its very end is alignment padding.
+    """
+
+    partition: torch.Tensor  # this rank's partition, padding included: the same size on every rank
+    params: list[tuple[torch.nn.Parameter, int]]  # each (module) parameter and its first element in the flat order
+
+
+def zero_master_groups(zero_optimizer: Any) -> list[ZeroMasterGroup]:
+    """Each param group of a ZeRO stage 1/2 optimizer: this rank's fp32 master partition and the offsets.
+
+    The offsets follow DeepSpeed's own flat order and the padding it put
+    between parameters (none in albor's configuration), as its optimizer lays
+    out the group (``round_robin_bit16_offsets``, computed the same way).
+    """
+    groups = []
+    for flat, params, paddings in zip(
+        zero_optimizer.single_partition_of_fp32_groups,
+        zero_optimizer.round_robin_bit16_groups,
+        zero_optimizer.round_robin_bit16_padding,
+    ):
+        placed, offset = [], 0
+        for param, padding in zip(params, paddings):
+            placed.append((param, offset))
+            offset += param.numel() + padding
+        groups.append(ZeroMasterGroup(flat, placed))
+    return groups
+
+
+def convert_to_universal(tag_dir: os.PathLike, output_dir: os.PathLike) -> None:
+    """DeepSpeed's ``ds_to_universal`` on one saved tag, in this process (one worker: no subprocesses).
+
+    ``inject_missing_state`` adds the version marker the tool insists on and
+    albor's saves do not carry. The tool prints its progress and writes a
+    ``latest_universal`` beside ``output_dir``: the progress goes to the debug
+    log, and that file (albor names tags itself) is removed.
+    """
+    import argparse
+    import io
+    import logging
+    from pathlib import Path
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    output_dir = Path(output_dir)
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        main(argparse.Namespace(
+            input_folder=str(tag_dir), output_folder=str(output_dir), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=True,
+        ))
+    logging.getLogger("albor").debug("ds_to_universal %s:\n%s", tag_dir, chatter.getvalue())
+    pointer = output_dir.parent / "latest_universal"
+    if pointer.is_file() and pointer.read_text().strip() == output_dir.name:
+        pointer.unlink()

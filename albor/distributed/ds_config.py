@@ -86,6 +86,10 @@ def resolve_ds_config(
     if stage != 2:
         # The optimizer-state sha reads ZeRO-2's partitions; other stages lay the state out differently.
         problems.append(f"zero_optimization.stage {stage}: albor runs ZeRO stage 2; set stage to 2")
+    if ds.get("zero_optimization", {}).get("round_robin_gradients", False):
+        # Its partitions follow a world-size-dependent order: the sha and a resume on another world size read them in
+        # parameter order.
+        problems.append("zero_optimization.round_robin_gradients is true: albor needs parameter order; remove it")
     if ds.get("fp16", {}).get("enabled", False):
         problems.append("fp16 is enabled: its loss scaler skips steps by design, which the contract aborts on; use bf16")
     bf16 = ds.get("bf16", ds.get("bfloat16", {}))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import os
 from collections.abc import Iterator
 
@@ -62,14 +61,6 @@ class DistEnv:
     def ranks_where(self, flag: bool) -> list[int]:
         """The ranks where ``flag`` is true, known to every rank."""
         return [r for r, v in enumerate(self.per_rank(float(flag))) if v]
-
-    def combined_digest(self, digest: bytes) -> str:
-        """sha256 over every rank's 32-byte digest, in rank order."""
-        digests: list[bytes] = [digest]
-        if self.world_size > 1:
-            digests = [b""] * self.world_size
-            dist.all_gather_object(digests, digest)
-        return hashlib.sha256(b"".join(digests)).hexdigest()
 
     def set_timeout(self, seconds: float) -> None:
         """Change the collective timeout of every group this rank is in, from now on.
