@@ -50,6 +50,9 @@ class PretrainConfig:
     patience_epochs: int = 2
     min_epochs_before_early_stop: int = 3
     regime: Regime = Regime.FINETUNE
+    resume: str | None = None  # "auto" (the newest resumable checkpoint, or a fresh start) or a checkpoint
+    init_from: Path | None = None  # a .apr model file a new run starts from (fresh optimizer, step 0)
+    preempt_grace_s: float = 120.0  # how long a preemption checkpoint may take before the job ends without it
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -92,7 +95,9 @@ def _problems(c: PretrainConfig) -> list[str]:
         if not (value >= 0 and math.isfinite(value)):
             p.append(f"{name} must be >= 0 (got {value})")
 
-    for name in ("lr_max", "total_steps", "batch_size", "seq_length", "val_batches", "grad_clip", "target_val_loss"):
+    for name in (
+        "lr_max", "total_steps", "batch_size", "seq_length", "val_batches", "grad_clip", "target_val_loss", "preempt_grace_s",
+    ):
         positive(name)
     for name in ("lr_min", "warmup_steps", "seed", "weight_decay", "patience_epochs", "min_epochs_before_early_stop"):
         non_negative(name)
@@ -119,8 +124,28 @@ def _problems(c: PretrainConfig) -> list[str]:
         p.append(f"ds_config {c.ds_config} is not a file: pass a DeepSpeed JSON config, or omit --ds-config")
     if c.output_dir.exists() and not c.output_dir.is_dir():
         p.append(f"output_dir {c.output_dir} is a file: choose a directory for --output-dir")
-    elif c.output_dir.exists() and (c.output_dir / "metrics.jsonl").exists():
-        p.append(f"output_dir {c.output_dir} already holds a run: choose a new --output-dir or remove the old one")
+    elif c.output_dir.exists() and (c.output_dir / "metrics.jsonl").exists() and c.resume is None:
+        p.append(
+            f"output_dir {c.output_dir} already holds a run: choose a new --output-dir, remove the old one, "
+            "or pass --resume auto to continue it"
+        )
+    if c.resume is not None and c.init_from is not None:
+        p.append(
+            "--resume and --init-from are exclusive: a resumed run takes its weights from its checkpoint; "
+            "pass --init-from only to start a new run"
+        )
+    if c.init_from is not None and not c.init_from.is_file():
+        p.append(f"init_from {c.init_from} is not a file: pass a model file (.apr) to --init-from")
+    if c.resume is not None and c.resume != "auto":
+        from albor.resume_plan import resume_target_exists  # file-system checks only, no torch
+
+        if not c.resume:
+            p.append("resume is empty: pass --resume auto, or a checkpoint of the run in --output-dir")
+        elif not resume_target_exists(c.output_dir, c.resume):
+            p.append(
+                f"resume {c.resume} does not exist: pass --resume auto, or a checkpoint of {c.output_dir} "
+                "(its .metadata.json, .apr, DeepSpeed tag directory or tag)"
+            )
     from albor.model.config import PRESETS  # a plain dataclass table: cheap, no torch
 
     if c.model not in PRESETS:
@@ -200,12 +225,19 @@ def resolve_config(
             problems.append(f"unknown mode {mode!r}: choose one of {', '.join(MODE_PRESETS)}")
         else:
             values.update(MODE_PRESETS[mode])
-    for layer in (file_values, flags or {}):
+    flags = flags or {}
+    for layer in (file_values, flags):
         for name, raw in layer.items():
             if name in FIELD_NAMES and raw is not None:
                 value = _coerce(name, raw, problems)
                 if value is not dataclasses.MISSING:
                     values[name] = value
+    # resume and init_from answer one question (where the weights come from), so a flag that answers
+    # it replaces the config file's answer: a run started with init_from in its config can be
+    # continued with --config RUN/config.yaml --resume auto. Both as flags, or both in one file, are refused.
+    for chosen, other in (("resume", "init_from"), ("init_from", "resume")):
+        if flags.get(chosen) is not None and flags.get(other) is None:
+            values.pop(other, None)
     if problems:
         try:  # also report what the well-formed values get wrong, all in one message
             PretrainConfig(**values)

@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Flags override --config values, which override --mode presets. "
         "Exit codes: 0 ok, 1 internal error, 2 usage, 3 data, 4 target missed, 5 checkpoint failed, "
         "6 unsupported torch/DeepSpeed, 10 divergence, 11 divergence at epoch 0, 12 numerical instability, "
-        "13 throughput out of range, 14 rank failure, 15 stopped by SIGTERM/SIGUSR1, "
-        "128+N killed by a second signal N.",
+        "13 throughput out of range, 14 rank failure, 15 preempted (resumable: rerun with --resume auto), "
+        "16 preemption checkpoint failed (resume from the previous one), 128+N killed by a second signal N.",
     )
     p.add_argument("--config", type=Path, help="YAML file of config fields (see README)")
     p.add_argument("--dataset", type=Path, help="token index.json, its directory, or a raw corpus (.txt/.py/.jsonl)")
@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-max", type=float)
     p.add_argument("--lr-min", type=float)
     p.add_argument("--warmup-steps", type=int)
+    p.add_argument(
+        "--resume", metavar="auto|PATH",
+        help="continue the run in --output-dir: auto = from its newest complete checkpoint (a fresh start when it has "
+        "none); PATH = from that checkpoint (its .metadata.json, .apr, DeepSpeed tag directory, or tag)",
+    )
+    p.add_argument(
+        "--init-from", type=Path, metavar="FILE.apr", help="start a new run (fresh optimizer, step 0) from a model file"
+    )
+    p.add_argument(
+        "--preempt-grace-s", type=float, metavar="S",
+        help="seconds a preemption checkpoint may take before the job ends without it (default 120)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate everything but the dataset's shards, print the resolved config, exit 0")
     # deepspeed's launcher appends --local_rank=N; the rank really comes from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -57,14 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 FLAG_FIELDS = (
     "dataset", "tokenizer", "output_dir", "model", "ds_config", "total_steps", "steps_per_epoch",
-    "batch_size", "seq_length", "seed", "lr_max", "lr_min", "warmup_steps",
+    "batch_size", "seq_length", "seed", "lr_max", "lr_min", "warmup_steps", "resume", "init_from", "preempt_grace_s",
 )
+
+_invoked_argv: list[str] | None = None
+
+
+def invoked_argv() -> list[str] | None:
+    """This process's pretrain arguments, normalized (``--flag value``, no --dry-run, no --local_rank), or None.
+
+    For the resume command in status.json (albor.resume_plan.resume_command): a rank
+    cannot see its launcher's command line, but it can see its own arguments.
+    """
+    return None if _invoked_argv is None else list(_invoked_argv)
+
+
+def _normalized_argv(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for name in ("config", "mode", *FLAG_FIELDS):
+        value = getattr(args, name)
+        if value is not None:
+            out += ["--" + name.replace("_", "-"), str(value)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the process exit code."""
+    global _invoked_argv
     try:
         args = build_parser().parse_args(argv)
+        _invoked_argv = _normalized_argv(args)
         file_values = read_yaml(args.config) if args.config else {}
         config = resolve_config(
             mode=args.mode, file_values=file_values, flags={k: getattr(args, k) for k in FLAG_FIELDS}
@@ -73,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             return _dry_run(config)
         from albor.train import train  # torch and deepspeed load only for a real run
 
-        code = int(train(config))
+        code = int(train(config, argv=invoked_argv()))
     except AlborError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         code = int(e.exit_code)
@@ -94,12 +128,31 @@ def _dry_run(config) -> int:
     from albor.preflight import preflight
 
     checked = preflight(config)
+    start = _start_point(config)  # before printing: a --resume PATH that is not resumable is a usage error
     sys.stdout.write(config.to_yaml())
     sys.stdout.write(
         f"# DeepSpeed config: {checked.ds_config_path} (for {checked.device_type}, world size {checked.world_size})\n"
-        "# not checked by a dry run: the dataset's shards (read when a run opens them)\n"
+        f"# start: {start}\n"
+        "# not checked by a dry run: the dataset's shards (read when a run opens them), and whether the run "
+        "matches the checkpoint it resumes\n"
     )
     return 0
+
+
+def _start_point(config) -> str:
+    """Where a real run with ``config`` would start, in words; nothing is removed."""
+    if config.init_from is not None:
+        return f"a new run from the model in {config.init_from}"
+    if config.resume is None:
+        return "a new run"
+    from albor.resume_plan import find_resume_point, scan_checkpoints
+
+    scan = scan_checkpoints(config.output_dir)
+    found = find_resume_point(config.output_dir, config.resume, scan=scan)
+    where = f"resume from {found.describe()}" if found is not None else "a new run (no checkpoint to resume)"
+    if scan.debris:
+        where += f"; {len(scan.debris)} half-written item(s) in ckpt/ would be removed first"
+    return where
 
 
 def _process_group_alive() -> bool:

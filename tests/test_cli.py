@@ -1,5 +1,6 @@
 """The pretrain command line: --dry-run, mode presets, and every invalid-config case."""
 
+import json
 import subprocess
 import sys
 
@@ -8,10 +9,12 @@ import yaml
 
 from albor.errors import ExitCode
 from albor.pretrain import main
+from albor.resume_plan import RUN_KEYS
 
 FLAGS = [
     "--config", "--dataset", "--tokenizer", "--output-dir", "--mode", "--total-steps", "--steps-per-epoch",
     "--batch-size", "--seq-length", "--seed", "--lr-max", "--lr-min", "--warmup-steps", "--dry-run",
+    "--resume", "--init-from", "--preempt-grace-s",
 ]
 
 
@@ -80,6 +83,11 @@ INVALID = [
     (["--total-steps", "ten"], "invalid int value"),
     (["--model", "gpt-5"], "model 'gpt-5' is not a known preset"),
     (["--seed", str(2**64)], "seed must be < 2**63"),
+    (["--preempt-grace-s", "0"], "preempt_grace_s must be > 0 (got 0.0)"),
+    (["--preempt-grace-s", "nan"], "preempt_grace_s must be > 0 (got nan)"),
+    (["--init-from", "missing.apr"], "init_from missing.apr is not a file: pass a model file (.apr) to --init-from"),
+    (["--resume", "epoch-003"], "resume epoch-003 does not exist: pass --resume auto, or a checkpoint of"),
+    (["--resume", ""], "resume is empty: pass --resume auto"),
 ]
 
 
@@ -136,8 +144,69 @@ def test_existing_run_dir_is_not_overwritten(capsys, data, tmp_path):
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
     code, _, err = run(capsys, "--dataset", str(data), "--output-dir", str(run_dir), "--dry-run")
-    assert code == ExitCode.USAGE and "already holds a run" in err
+    assert code == ExitCode.USAGE and "already holds a run" in err and "or pass --resume auto to continue it" in err
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_resume_auto_continues_a_run_dir_and_the_dry_run_says_from_where(capsys, data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    code, out, err = run(capsys, "--dataset", str(data), "--output-dir", str(run_dir), "--resume", "auto", "--dry-run")
+    assert code == 0, err
+    assert yaml.safe_load(out)["resume"] == "auto" and "# start: a new run (no checkpoint to resume)" in out
+    ds = run_dir / "ckpt" / "deepspeed" / "epoch-000"
+    ds.mkdir(parents=True)
+    (ds / "albor-rank-0.json").write_text("{}")
+    (run_dir / "ckpt" / "epoch-000.metadata.json").write_text(json.dumps({
+        "kind": "epoch", "tag": "epoch-000", "step": 5, "epoch": 0, "world_size": 1, "resume": {"next_step": 5},
+        "run": dict.fromkeys(RUN_KEYS, 0),
+    }))
+    (run_dir / "ckpt" / "epoch-001.apr").write_text("half")
+    for how in ("auto", "epoch-000"):
+        code, out, err = run(capsys, "--dataset", str(data), "--output-dir", str(run_dir), "--resume", how, "--dry-run")
+        assert code == 0, err
+        assert "# start: resume from epoch-000 (epoch checkpoint at step 5, epoch 0, world size 1); " \
+               "1 half-written item(s) in ckpt/ would be removed first" in out
+    assert (run_dir / "ckpt" / "epoch-001.apr").exists()  # a dry run removes nothing
+    code, out, err = run(capsys, "--dataset", str(data), "--output-dir", str(run_dir), "--resume", "epoch-001", "--dry-run")
+    assert code == ExitCode.USAGE and out == "" and err.count("\n") == 1
+    assert "--resume epoch-001: is epoch-001, not a complete checkpoint" in err and "epoch-000 (step 5)" in err
+
+
+def test_init_from_is_a_new_run_and_excludes_resume(capsys, data, tmp_path):
+    model = tmp_path / "m.apr"
+    model.write_bytes(b"APR")
+    out_dir = str(tmp_path / "run")
+    cfg = resolved(capsys, "--dataset", str(data), "--output-dir", out_dir, "--init-from", str(model), "--preempt-grace-s", "25")
+    assert (cfg["init_from"], cfg["resume"], cfg["preempt_grace_s"]) == (str(model), None, 25.0)
+    _, out, _ = run(capsys, "--dataset", str(data), "--init-from", str(model), "--dry-run")
+    assert f"# start: a new run from the model in {model}" in out
+    code, out, err = run(capsys, "--dataset", str(data), "--output-dir", out_dir, "--init-from", str(model), "--resume", "auto")
+    assert code == ExitCode.USAGE and out == "" and err.count("\n") == 1
+    assert "--resume and --init-from are exclusive" in err
+
+
+def test_a_resume_flag_replaces_the_config_files_init_from_and_back(capsys, data, tmp_path):
+    model = tmp_path / "m.apr"
+    model.write_bytes(b"APR")
+    f = tmp_path / "c.yaml"
+    f.write_text(f"dataset: {data}\ninit_from: {model}\n")  # as a run's own config.yaml records it
+    cfg = resolved(capsys, "--config", str(f), "--resume", "auto")
+    assert (cfg["resume"], cfg["init_from"]) == ("auto", None)
+    f.write_text(f"dataset: {data}\nresume: auto\n")
+    cfg = resolved(capsys, "--config", str(f), "--init-from", str(model))
+    assert (cfg["resume"], cfg["init_from"]) == (None, str(model))
+    f.write_text(f"dataset: {data}\nresume: auto\ninit_from: {model}\n")
+    code, _, err = run(capsys, "--config", str(f), "--dry-run")
+    assert code == ExitCode.USAGE and "--resume and --init-from are exclusive" in err
+
+
+def test_the_invocation_is_kept_for_the_resume_command(capsys, data, tmp_path):
+    from albor.pretrain import invoked_argv
+
+    run(capsys, "--dataset", str(data), "--output-dir", str(tmp_path / "r"), "--lr-max", "3e-4", "--local_rank=1", "--dry-run")
+    assert invoked_argv() == ["--dataset", str(data), "--output-dir", str(tmp_path / "r"), "--lr-max", "0.0003"]
 
 
 def test_subprocess_exit_code_and_single_line(tmp_path, data):
