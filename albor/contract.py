@@ -47,7 +47,8 @@ class AbortReason(enum.Enum):
     THROUGHPUT_OUT_OF_RANGE = ExitCode.THROUGHPUT_OUT_OF_RANGE
     RANK_FAILURE = ExitCode.RANK_FAILURE
     CHECKPOINT_FAILED = ExitCode.CHECKPOINT_FAILED
-    STOPPED_BY_SIGNAL = ExitCode.STOPPED_BY_SIGNAL  # not a fault: the run was asked to stop
+    PREEMPTED = ExitCode.PREEMPTED  # not a fault: the run was asked to stop, and can resume
+    PREEMPTION_SAVE_FAILED = ExitCode.PREEMPTION_SAVE_FAILED
 
     @property
     def exit_code(self) -> ExitCode:
@@ -224,14 +225,26 @@ def perplexity(loss: float) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class EpochArtifact:
-    """Where one epoch's checkpoint and metadata live (contract path template)."""
+class CheckpointPoint:
+    """Where one checkpoint's files live: an epoch's (contract path template, with the .apr) or a preemption's.
 
-    epoch: int
-    checkpoint_path: Path
-    metadata_path: Path
+    ``step`` counts the optimizer steps completed when it is taken: the step a
+    resumed run starts at. docs/checkpoints.md describes the layout.
+    """
+
+    tag: str
+    kind: str  # "epoch" | "preemption"
+    step: int
+    epoch: int  # the epoch of the last completed step (an epoch checkpoint: that epoch)
+    apr_path: Path | None  # preemption checkpoints carry no model file
+    metadata_path: Path  # written last: the completion marker
 
     @classmethod
-    def for_epoch(cls, run_dir: Path, epoch: int) -> EpochArtifact:
-        ckpt = Path(run_dir) / "ckpt"
-        return cls(epoch, ckpt / f"epoch-{epoch:03d}.apr", ckpt / f"epoch-{epoch:03d}.metadata.json")
+    def for_epoch(cls, run_dir: Path, epoch: int, step: int) -> CheckpointPoint:
+        ckpt, tag = Path(run_dir) / "ckpt", f"epoch-{epoch:03d}"
+        return cls(tag, "epoch", step, epoch, ckpt / f"{tag}.apr", ckpt / f"{tag}.metadata.json")
+
+    @classmethod
+    def for_preemption(cls, run_dir: Path, step: int, epoch: int) -> CheckpointPoint:
+        ckpt, tag = Path(run_dir) / "ckpt", f"step-{step:07d}"
+        return cls(tag, "preemption", step, epoch, None, ckpt / f"{tag}.metadata.json")

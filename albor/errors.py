@@ -25,7 +25,8 @@ class ExitCode(enum.IntEnum):
     NUMERICAL_INSTABILITY = 12  # gate 007: NaN/Inf loss, grad norm, lr, val loss, or a skipped step
     THROUGHPUT_OUT_OF_RANGE = 13  # gate 008: tokens/s, GPU util or wall time out of range
     RANK_FAILURE = 14  # an exception on some rank, or a lost peer
-    STOPPED_BY_SIGNAL = 15  # SIGTERM/SIGUSR1 reached a rank: every rank stopped at the same step boundary
+    PREEMPTED = 15  # a stop signal reached a rank: every rank saved a checkpoint at the same step; resumable
+    PREEMPTION_SAVE_FAILED = 16  # stopped by a signal, but the preemption checkpoint failed or ran out of time
 
 
 class AlborError(Exception):

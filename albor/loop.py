@@ -9,6 +9,7 @@ loop identical values and reaches the same verdict at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -21,7 +22,7 @@ from albor.config import PretrainConfig
 from albor.contract import (
     AbortReason,
     ContractAbort,
-    EpochArtifact,
+    CheckpointPoint,
     EpochMetadata,
     StepMetrics,
     check_non_divergence,
@@ -66,13 +67,13 @@ class ValFn(Protocol):
 
 
 class CheckpointWriter(Protocol):
-    """Writes the epoch's checkpoint, then ``metadata`` to ``artifact.metadata_path`` last.
+    """Writes a checkpoint at ``point``, then ``metadata`` to ``point.metadata_path`` last.
 
     Raises :class:`CheckpointError` on failure (on every rank together), leaving no
-    file of this epoch behind and earlier epochs intact.
+    file of this point behind and earlier checkpoints intact.
     """
 
-    def save(self, epoch: int, artifact: EpochArtifact, metadata: Mapping[str, Any]) -> None: ...
+    def save(self, point: CheckpointPoint, metadata: Mapping[str, Any]) -> None: ...
 
 
 class CheckpointError(Exception):
@@ -83,7 +84,15 @@ class RunStatus(str, enum.Enum):
     OK = "ok"  # all epochs ran, or the target was reached
     EARLY_STOP = "early_stop"  # patience ran out (gate 004)
     ABORTED = "aborted"  # a gate fired or a checkpoint failed
-    STOPPED = "stopped"  # a stop signal reached a rank; every rank stopped at the same step boundary
+    PREEMPTED = "preempted"  # a stop signal reached a rank; every rank stopped at the same step boundary
+
+
+class PreemptionRequested(Exception):
+    """A stop signal reached ``ranks`` during the step that just completed; every rank raises it together."""
+
+    def __init__(self, step: int, epoch: int, ranks: tuple[int, ...]) -> None:
+        super().__init__(f"stop requested on rank(s) {', '.join(map(str, ranks))} during step {step}")
+        self.step, self.epoch, self.ranks = step, epoch, ranks
 
 
 @dataclasses.dataclass
@@ -97,6 +106,7 @@ class RunResult:
     best_val_loss: float | None
     target_val_loss: float
     abort: ContractAbort | None = None
+    checkpoint: str | None = None  # the preemption checkpoint's tag, when one was written
 
     @property
     def target_met(self) -> bool:
@@ -121,6 +131,7 @@ class RunResult:
             "best_val_loss": num(self.best_val_loss),
             "target_val_loss": self.target_val_loss,
             "target_met": self.target_met,
+            **({"checkpoint": self.checkpoint} if self.status is RunStatus.PREEMPTED else {}),
         }
 
 
@@ -139,6 +150,8 @@ class PretrainLoop:
         clock: Callable[[], float] = time.perf_counter,
         on_step: Callable[[dict[str, Any]], None] | None = None,
         metadata_extra: Mapping[str, Any] | None = None,
+        status_extra: Mapping[str, Any] | None = None,
+        preemption_guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
     ) -> None:
@@ -151,14 +164,46 @@ class PretrainLoop:
         self.clock = clock
         self.on_step = on_step
         self.metadata_extra = dict(metadata_extra or {})
+        self.status_extra = dict(status_extra or {})  # e.g. the resume command; merged into status.json
+        self.preemption_guard = preemption_guard  # bounds the preemption save (the grace period)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops  # summed over every device of the job; None on CPUs
-        self.step_metrics: list[StepMetrics] = []
-        self.epoch_metadata: list[EpochMetadata] = []
-        self.val_losses: list[float] = []
+        self.step_metrics: list[StepMetrics] = []  # this process's steps (a resumed run: since the resume)
+        # What a resumed run needs to continue exactly (state_dict / load_state_dict):
+        self.next_step = 0  # optimizer steps completed
         self.tokens_seen = 0
+        self.val_losses: list[float] = []  # one per epoch that passed gate 005 and was checkpointed
         self._best = math.inf
         self._epochs_without_improvement = 0
+        self._epoch_losses: list[float] = []  # the current epoch's train losses so far
+        self._epoch_grad_norm_max = 0.0
+        self._epoch_seconds_before = 0.0  # wall time the current epoch has taken (before a resume, or so far)
+        self._epoch_t0 = 0.0  # the clock reading the current epoch counts from
+
+    # ── resumable state ─────────────────────────────────────────────────
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the model, optimizer, data cursor and RNGs that a continuation needs (JSON-able)."""
+        return {
+            "next_step": self.next_step,
+            "tokens_seen": self.tokens_seen,
+            "val_losses": list(self.val_losses),
+            "best": json_number(self._best if math.isfinite(self._best) else None),
+            "epochs_without_improvement": self._epochs_without_improvement,
+            "epoch_losses": list(self._epoch_losses),
+            "epoch_grad_norm_max": self._epoch_grad_norm_max,
+            "epoch_wall_seconds": self._epoch_seconds_before,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of the interrupted run."""
+        self.next_step = int(state["next_step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.val_losses = [float(v) for v in state["val_losses"]]
+        self._best = math.inf if state["best"] is None else float(state["best"])
+        self._epochs_without_improvement = int(state["epochs_without_improvement"])
+        self._epoch_losses = [float(v) for v in state["epoch_losses"]]
+        self._epoch_grad_norm_max = float(state["epoch_grad_norm_max"])
+        self._epoch_seconds_before = float(state["epoch_wall_seconds"])
 
     def lr_at(self, step: int) -> float:
         c = self.config
@@ -202,6 +247,10 @@ class PretrainLoop:
         )
         metrics.validate()  # gates 007 (lr) and 008
         self.tokens_seen += result.tokens
+        self.next_step = step + 1
+        self._epoch_losses.append(metrics.train_loss)
+        self._epoch_grad_norm_max = max(self._epoch_grad_norm_max, metrics.grad_norm)
+        self._epoch_seconds_before = now - self._epoch_t0  # kept current for a preemption checkpoint
         self.step_metrics.append(metrics)
         mfu = None
         if self.flops_per_token is not None and self.peak_flops:
@@ -219,30 +268,20 @@ class PretrainLoop:
             ) from None
         if self.on_step is not None:
             self.on_step(record)
-        if result.stop_requested_ranks:  # the step itself was good and is recorded; nothing runs after it
-            kept = f"epoch-{self.epoch_metadata[-1].epoch:03d}" if self.epoch_metadata else "none yet"
-            raise ContractAbort(
-                AbortReason.STOPPED_BY_SIGNAL,
-                f"STOPPED_BY_SIGNAL after step {step}: SIGTERM/SIGUSR1 reached rank(s) "
-                f"{', '.join(map(str, result.stop_requested_ranks))}; last complete checkpoint: {kept}",
-                step=step, epoch=epoch, ranks=result.stop_requested_ranks,
-            )
+        if result.stop_requested_ranks:  # the step itself was good and is recorded; a checkpoint follows
+            raise PreemptionRequested(step, epoch, result.stop_requested_ranks)
         return metrics, now
 
     # ── one epoch ───────────────────────────────────────────────────────
     def run_epoch(self, epoch: int) -> EpochMetadata:
-        """Train, validate, gate 005, then checkpoint and metadata (in that order)."""
+        """Train (from where a resumed run left off), validate, gate 005, then checkpoint with the metadata last."""
         c = self.config
-        first = epoch * c.steps_per_epoch
-        last = min(first + c.steps_per_epoch, c.total_steps)
-        t_epoch = self.clock()
-        started = t_epoch
-        losses: list[float] = []
-        grad_norm_max = 0.0
+        first = max(epoch * c.steps_per_epoch, self.next_step)
+        last = min((epoch + 1) * c.steps_per_epoch, c.total_steps)
+        started = self.clock()
+        t_epoch = self._epoch_t0 = started - self._epoch_seconds_before
         for step in range(first, last):
-            m, started = self.train_step(step, epoch, started)
-            losses.append(m.train_loss)
-            grad_norm_max = max(grad_norm_max, m.grad_norm)
+            _, started = self.train_step(step, epoch, started)
 
         val_loss = self.val_fn(epoch)
         if not math.isfinite(val_loss):  # gate 007 before gate 005, at every epoch including 0: a NaN is an instability, not a divergence
@@ -251,11 +290,10 @@ class PretrainLoop:
                 f"NUMERICAL_INSTABILITY at epoch {epoch}: val_loss = {val_loss} is not a finite number",
                 epoch=epoch, step=last - 1, field="val_loss", value=val_loss,
             )
-        self.val_losses.append(val_loss)
-        check_non_divergence(epoch, self.val_losses, c.regime, self.vocab_size)  # gate 005
+        check_non_divergence(epoch, [*self.val_losses, val_loss], c.regime, self.vocab_size)  # gate 005
 
         sha = self.step_fn.optimizer_state_sha()
-        train_loss = sum(losses) / len(losses)
+        train_loss = sum(self._epoch_losses) / len(self._epoch_losses)
         meta = EpochMetadata(
             epoch=epoch,
             train_loss=train_loss,
@@ -265,70 +303,122 @@ class PretrainLoop:
             optimizer_state_sha=sha,
             wall_seconds=self.clock() - t_epoch,
             tokens_seen=self.tokens_seen,
-            grad_norm_max=grad_norm_max,
+            grad_norm_max=self._epoch_grad_norm_max,
         )
-        artifact = EpochArtifact.for_epoch(c.output_dir, epoch)
+        # The state the checkpoint carries is the state after this epoch: the next one starts from scratch,
+        # and gate 004's bookkeeping already counts this epoch.
+        before = self.state_dict()
+        self.val_losses.append(val_loss)
+        self._record_improvement(val_loss)
+        self._epoch_losses, self._epoch_grad_norm_max, self._epoch_seconds_before = [], 0.0, 0.0
+        point = CheckpointPoint.for_epoch(c.output_dir, epoch, step=last)
         metadata = {
             **{k: json_number(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(meta).items()},
-            **self.metadata_extra,
+            **self._checkpoint_fields(point, sha),
         }
         try:
-            self.checkpoint.save(epoch, artifact, metadata)  # the metadata goes last: the completion marker
+            self.checkpoint.save(point, metadata)  # the metadata goes last: the completion marker
         except CheckpointError as e:
+            self.load_state_dict(before)  # the epoch did not pass: no trace of it in the state
             raise ContractAbort(
                 AbortReason.CHECKPOINT_FAILED,
                 f"CHECKPOINT_FAILED at epoch {epoch}: {e}; earlier checkpoints are intact, the run stopped",
                 epoch=epoch,
                 step=last - 1,
             ) from None
-        self.epoch_metadata.append(meta)
         return meta
 
-    def _should_stop_early(self, epoch: int) -> bool:
-        """Gate 004: stop after ``patience_epochs`` epochs in a row without improvement."""
-        val = self.val_losses[-1]
-        if val < self._best:
-            self._best = val
+    def _checkpoint_fields(self, point: CheckpointPoint, sha: str) -> dict[str, Any]:
+        """What every checkpoint's metadata holds beyond the contract's nine fields."""
+        return {
+            "kind": point.kind, "tag": point.tag, "step": point.step,
+            **({} if point.kind == "epoch" else {"epoch": point.epoch, "optimizer_state_sha": sha}),
+            **self.metadata_extra,
+            "resume": self.state_dict(),
+        }
+
+    def _record_improvement(self, val_loss: float) -> None:
+        """Gate 004's bookkeeping for a finished epoch."""
+        if val_loss < self._best:
+            self._best = val_loss
             self._epochs_without_improvement = 0
-            return False
-        self._epochs_without_improvement += 1
-        if epoch + 1 < self.config.min_epochs_before_early_stop:
-            return False
-        return self._epochs_without_improvement >= self.config.patience_epochs
+        else:
+            self._epochs_without_improvement += 1
+
+    def _verdict_after(self, epoch: int) -> RunStatus | None:
+        """Whether the run ends after ``epoch`` (gates 004 and 003), from the recorded state alone."""
+        c = self.config
+        if epoch + 1 < c.min_epochs_before_early_stop:
+            return None
+        if self._epochs_without_improvement >= c.patience_epochs:
+            return RunStatus.EARLY_STOP  # patience ran out: N epochs in a row without improvement
+        if self.val_losses[-1] <= c.target_val_loss:
+            return RunStatus.OK  # gate 003 met: no compute spent past the target
+        return None
+
+    def _preempt(self, request: PreemptionRequested) -> tuple[ContractAbort, str | None]:
+        """Every rank saves a checkpoint at this step boundary together; then the run ends, resumable."""
+        point = CheckpointPoint.for_preemption(self.config.output_dir, self.next_step, request.epoch)
+        ranks = ", ".join(map(str, request.ranks))
+        try:
+            with self.preemption_guard():
+                sha = self.step_fn.optimizer_state_sha()
+                self.checkpoint.save(point, self._checkpoint_fields(point, sha))
+        except CheckpointError as e:
+            return ContractAbort(
+                AbortReason.PREEMPTION_SAVE_FAILED,
+                f"PREEMPTION_SAVE_FAILED after step {request.step}: a stop signal reached rank(s) {ranks}, "
+                f"but the preemption checkpoint failed ({e}); resume from the last complete checkpoint",
+                step=request.step, epoch=request.epoch, ranks=request.ranks,
+            ), None
+        return ContractAbort(
+            AbortReason.PREEMPTED,
+            f"PREEMPTED after step {request.step}: a stop signal reached rank(s) {ranks}; "
+            f"every rank saved checkpoint {point.tag}",
+            step=request.step, epoch=request.epoch, ranks=request.ranks,
+        ), point.tag
 
     # ── the run ─────────────────────────────────────────────────────────
     def run(self) -> RunResult:
-        """Run every epoch; return how the run ended (never raises a ContractAbort)."""
+        """Run every epoch (a resumed run: from where it left off); return how it ended (never raises a ContractAbort)."""
         c = self.config
         status = RunStatus.OK
         abort: ContractAbort | None = None
+        checkpoint: str | None = None
+        # An epoch with steps recorded is unfinished (a run preempted after its last step has yet to validate it).
+        first_epoch = (self.next_step - 1 if self._epoch_losses else self.next_step) // c.steps_per_epoch
         try:
-            for epoch in range(c.num_epochs):
+            # A run resumed at an epoch boundary first makes the decision the interrupted run made there.
+            at_boundary = self.val_losses and not self._epoch_losses
+            verdict = self._verdict_after(first_epoch - 1) if at_boundary else None
+            for epoch in range(first_epoch, c.num_epochs if verdict is None else first_epoch):
                 meta = self.run_epoch(epoch)
                 log.info(
                     "epoch %d: train_loss %.4f val_loss %.4f val_ppl %.2f tokens %d",
                     epoch, meta.train_loss, meta.val_loss, meta.val_ppl, meta.tokens_seen,
                 )
-                if self._should_stop_early(epoch):
-                    status = RunStatus.EARLY_STOP
+                verdict = self._verdict_after(epoch)
+                if verdict is not None:
                     break
-                if meta.val_loss <= c.target_val_loss and epoch + 1 >= c.min_epochs_before_early_stop:
-                    break  # gate 003 met: no compute spent past the target
+            status = verdict or RunStatus.OK
         except ContractAbort as e:
-            status = RunStatus.STOPPED if e.reason is AbortReason.STOPPED_BY_SIGNAL else RunStatus.ABORTED
-            abort = e
-        passed = [m.val_loss for m in self.epoch_metadata]  # epochs that passed gate 005
+            status, abort = RunStatus.ABORTED, e
+        except PreemptionRequested as request:
+            abort, checkpoint = self._preempt(request)
+            status = RunStatus.PREEMPTED
+        passed = self.val_losses  # epochs that passed gate 005 and were checkpointed
         result = RunResult(
             status=status,
             epochs_completed=len(passed),
-            steps_completed=len(self.step_metrics),
+            steps_completed=self.next_step,
             final_val_loss=passed[-1] if passed and abort is None else None,
             best_val_loss=min(passed, default=None),
             target_val_loss=c.target_val_loss,
             abort=abort,
+            checkpoint=checkpoint,
         )
         try:
-            self.files.write_json(STATUS_FILE, result.to_dict())
+            self.files.write_json(STATUS_FILE, {**result.to_dict(), **self.status_extra})
         except OSError as e:  # the exit code still tells the truth
-            log.error("cannot write %s: %s", self.files.status_path, e)
+            log.error("cannot write %s: %s", STATUS_FILE, e)
         return result

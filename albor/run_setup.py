@@ -16,15 +16,18 @@ import torch
 from albor.config import PretrainConfig
 from albor.data.loader import TokenDataset, TrainLoader, ValidationLoader, index_vocab_size
 from albor.data.resolve import resolve_dataset
-from albor.distributed.checkpoint import EpochCheckpoint
+from albor.distributed.checkpoint import Checkpointer
 from albor.distributed.engine import build_engine
 from albor.distributed.process_group import DistEnv
+from albor.distributed.resume import load_fp32_masters
 from albor.distributed.step import DeepSpeedStep
 from albor.distributed.validation import DeepSpeedValidation
 from albor.errors import AlborError, ConfigError, DataError, ExitCode
 from albor.faults import FaultPlan
+from albor.init_from import read_model_file
 from albor.loop import PretrainLoop
 from albor.model import AlborLlama, ModelConfig, flops_per_token, model_preset
+from albor.resume_plan import run_fields
 from albor.run_files import RunFiles
 from albor.stop_signal import StopSignals
 from albor.telemetry import GpuUtilization, peak_flops
@@ -83,13 +86,15 @@ class RunParts:
     data: OpenedData
     step_fn: DeepSpeedStep
     val_fn: DeepSpeedValidation
-    checkpoint: EpochCheckpoint
+    checkpoint: Checkpointer
     gpu: GpuUtilization
     device_name: str | None  # None on a CPU
     peak_flops: float | None  # of one device; None where unknown (CPUs)
 
     def loop(
-        self, config: PretrainConfig, env: DistEnv, files: RunFiles, *, on_step: Callable[[dict], None] | None = None
+        self, config: PretrainConfig, env: DistEnv, files: RunFiles, *,
+        on_step: Callable[[dict], None] | None = None, status_extra: dict[str, Any] | None = None,
+        preemption_guard: Callable[[], Any] | None = None,
     ) -> PretrainLoop:
         """The contract loop over these parts, writing through ``files``."""
         model_cfg = self.data.model_cfg
@@ -102,7 +107,13 @@ class RunParts:
                 "world_size": env.world_size,
                 "model": config.model,
                 "dataset_fingerprint": self.data.dataset.fingerprint,
+                "run": run_fields(
+                    config, global_batch=config.batch_size * self.step_fn.grad_accumulation * env.world_size,
+                    dataset_fingerprint=self.data.dataset.fingerprint,
+                ),
             },
+            status_extra=status_extra,
+            **({"preemption_guard": preemption_guard} if preemption_guard is not None else {}),
             flops_per_token=flops_per_token(model_cfg, config.seq_length),
             peak_flops=self.peak_flops * env.world_size if self.peak_flops else None,
         )
@@ -125,10 +136,13 @@ def build_run(
     faults: FaultPlan | None = None,
     stop: StopSignals | None = None,
 ) -> RunParts:
-    """Model, DeepSpeed engine, step, validation and checkpoint writer over ``data``."""
+    """Model (from ``config.init_from`` when given), DeepSpeed engine, step, validation and checkpoint writer."""
     torch.manual_seed(config.seed)  # identical init on every rank and in every rerun (gate 006)
+    weights = read_model_file(config.init_from, data.model_cfg, model_name=config.model) if config.init_from else None
     model = AlborLlama(data.model_cfg)
     engine = build_engine(model, ds_config, env, lr=config.lr_max, weight_decay=config.weight_decay)
+    if weights is not None:  # after the build: under bf16 the fp32 masters must come from the file, not the module
+        load_fp32_masters(engine, env, weights)
     device_name, uuid = _gpu_identity(env)
     gpu = GpuUtilization(uuid)
     step_fn = DeepSpeedStep(
@@ -140,7 +154,7 @@ def build_run(
         data=data,
         step_fn=step_fn,
         val_fn=DeepSpeedValidation(engine, data.val_loader, env, faults=faults),
-        checkpoint=EpochCheckpoint(engine, env, data.model_cfg, data.train_loader, config.output_dir, seed=config.seed),
+        checkpoint=Checkpointer(engine, env, data.model_cfg, data.train_loader, config.output_dir, seed=config.seed),
         gpu=gpu,
         device_name=device_name,
         peak_flops=peak_flops(device_name),

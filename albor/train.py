@@ -7,9 +7,13 @@ DeepSpeed), so a bad flag costs nothing and leaves nothing on disk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 import traceback
 import warnings
+from collections.abc import Callable, Iterator
 
 from albor.config import PretrainConfig
 from albor.console import format_step, setup_logging
@@ -20,15 +24,20 @@ from albor.errors import AlborError, ExitCode
 from albor.loop import PretrainLoop, RunResult, RunStatus
 from albor.model import num_parameters
 from albor.preflight import preflight
-from albor.run_files import STATUS_FILE, RunFiles, write_exit_record
+from albor.continuation import choose_checkpoint, restore_run
+from albor.distributed.resume import needs_universal
+from albor.resume_plan import launcher_command, resume_command, run_fields, truncate_metrics
+from albor.run_files import METRICS_FILE, STATUS_FILE, RunFiles, write_exit_record
 from albor.run_setup import build_run, open_data
-from albor.stop_signal import StopSignals
+from albor.stop_signal import StopSignals, watch_launcher
 
 log = logging.getLogger("albor")
 
 
-def train(config: PretrainConfig) -> ExitCode:
+def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
     """Run training under the contract; every rank returns the same exit code.
+
+    ``argv`` is the command line it was started with: status.json turns it into the resume command.
 
     Once the run has started, each rank also leaves its own exit record
     (``ranks/rank-R.exit.json``) with the code it returns.
@@ -39,23 +48,34 @@ def train(config: PretrainConfig) -> ExitCode:
     # DeepSpeed's ZeRO still calls a torch collective that torch has deprecated; the warning
     # (one per rank) says nothing an albor user can act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
-    env = init_distributed()
-    setup_logging(env.rank, env.world_size)
     files: RunFiles | None = None
     loop: PretrainLoop | None = None
 
-    def forced_stop(code: int) -> None:  # a second stop signal: record how the run ended, then exit
+    def end_now(code: int, *, status: str, reason: str, message: str) -> None:
+        """Record how this rank ends before it exits outside the loop (the caller then calls os._exit)."""
         if files is not None:
             write_exit_record(config.output_dir, env.rank, code)
-            status = _ended_status(
-                f"a second stop signal on rank {env.rank} ended the run at once, without a checkpoint",
-                env, loop, config, code, ranks=(env.rank,),
-            )
-            status["abort"]["reason"] = status["reason"] = "killed_by_second_signal"
-            files.write_json(STATUS_FILE, {**status, "status": "killed"})
+            files.write_json(STATUS_FILE, _ended_status(
+                message, env, loop, config, code, ranks=(env.rank,), status=status, reason=reason
+            ))
 
+    def forced_stop(code: int) -> None:  # a second stop signal
+        end_now(code, status="killed", reason="killed_by_second_signal",
+                message=f"a second stop signal on rank {env.rank} ended the run at once, without a new checkpoint")
+
+    def save_too_slow() -> None:  # the preemption save outlived --preempt-grace-s
+        code = int(ExitCode.PREEMPTION_SAVE_FAILED)
+        end_now(code, status="preempted", reason="preemption_save_failed",
+                message=f"the preemption checkpoint did not finish within --preempt-grace-s {config.preempt_grace_s:g} s; "
+                        "resume from the last complete checkpoint")
+        os._exit(code)
+
+    # Before the process group: a stop asked for during start-up is honoured at the first step.
     stop = StopSignals(on_force=forced_stop)
     stop.install()
+    watch_launcher(stop)  # a launcher that dies or is signalled counts as a stop signal on this rank
+    env = init_distributed()
+    setup_logging(env.rank, env.world_size)
     if faults is not None:
         log.warning(
             "FAULT DRILL ACTIVE: %s on rank %d at %s %d (ALBOR_FAULT)", faults.kind, faults.rank, faults.unit, faults.when
@@ -63,10 +83,29 @@ def train(config: PretrainConfig) -> ExitCode:
     code = ExitCode.INTERNAL_ERROR
     try:
         data = open_data(config, env)
+        accumulation = ds["gradient_accumulation_steps"]
+        point = None
+        if config.resume is not None:
+            identity = run_fields(config, global_batch=config.batch_size * accumulation * env.world_size,
+                                  dataset_fingerprint=data.dataset.fingerprint)
+            point = choose_checkpoint(config, env, identity, gradient_accumulation=accumulation)
+            if point is not None and needs_universal(point.world_size, env.world_size):
+                ds = {**ds, "checkpoint": {"load_universal": True}}  # resharded through DeepSpeed's universal format
+            if env.is_main:  # rows the interrupted run wrote after its checkpoint: each step is logged once
+                dropped = truncate_metrics(config.output_dir / METRICS_FILE, keep_below_step=point.step if point else 0)
+                if dropped:
+                    log.info("resume: dropped %d metrics.jsonl row(s) written after the checkpoint", dropped)
         files = RunFiles(config.output_dir, enabled=env.is_main)
         files.write_text("config.yaml", config.to_yaml())
         files.write_json("ds_config.json", ds)
-        files.write_json(STATUS_FILE, {"status": "running", "world_size": env.world_size})
+        status_extra: dict = {
+            "resume_command": resume_command(
+                config.output_dir, argv=argv,
+                launcher=launcher_command(env.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))),
+            ),
+            "resumed_from": point.tag if point else None,
+        }
+        files.write_json(STATUS_FILE, {"status": "running", "world_size": env.world_size, **status_extra})
 
         parts = build_run(config, env, ds, data, faults=faults, stop=stop)
         model_cfg = data.model_cfg
@@ -85,8 +124,12 @@ def train(config: PretrainConfig) -> ExitCode:
         )
         log_every = max(1, min(50, config.steps_per_epoch // 4))
         loop = parts.loop(
-            config, env, files, on_step=lambda r: log.info(format_step(r)) if r["step"] % log_every == 0 else None
+            config, env, files, on_step=lambda r: log.info(format_step(r)) if r["step"] % log_every == 0 else None,
+            status_extra=status_extra, preemption_guard=lambda: _deadline(config.preempt_grace_s, save_too_slow),
         )
+        if point is not None:
+            loop.status_extra["resumed_from"] = restore_run(parts, loop, env, point)
+            files.write_json(STATUS_FILE, {"status": "running", "world_size": env.world_size, **loop.status_extra})
         result = loop.run()
         stop.settle()
         _report(result, config)
@@ -97,6 +140,8 @@ def train(config: PretrainConfig) -> ExitCode:
         return code
     except AlborError as e:
         code = e.exit_code
+        if files is not None:  # the run had started: its status must not stay "running"
+            files.write_json(STATUS_FILE, _ended_status(str(e), env, loop, config, code, reason=e.exit_code.name.lower()))
         raise  # every rank meets the same bad input; pretrain.main prints it
     except Exception as e:
         # A bug here, or a peer that died inside a collective. No collectives from here on.
@@ -120,27 +165,46 @@ def _crash_status(e: Exception, env: DistEnv, loop: PretrainLoop | None, config:
     return _ended_status(f"{type(e).__name__} on rank {env.rank}: {text}", env, loop, config, code, ranks=(env.rank,))
 
 
+@contextlib.contextmanager
+def _deadline(seconds: float, on_expire: Callable[[], None]) -> Iterator[None]:
+    """Call ``on_expire`` (which ends the process) if the block is still running after ``seconds``.
+
+    A thread, not SIGALRM: the main thread may be blocked inside a collective,
+    where no Python signal handler runs.
+    """
+    timer = threading.Timer(seconds, on_expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _ended_status(
     message: str, env: DistEnv, loop: PretrainLoop | None, config: PretrainConfig, code: int,
-    *, ranks: tuple[int, ...] = (),
+    *, ranks: tuple[int, ...] = (), status: str = "aborted", reason: str = "rank_failure",
 ) -> dict:
-    """status.json for a run that ended outside the loop's own verdicts (a crash, a forced stop)."""
-    step = loop.step_metrics[-1].step + 1 if loop is not None and loop.step_metrics else None
+    """status.json for a run that ended outside the loop's own verdicts (a crash, a bad input, a forced stop)."""
+    step = loop.next_step if loop is not None else None  # the step that was running
     result = RunResult(
         RunStatus.ABORTED,
-        epochs_completed=len(loop.epoch_metadata) if loop else 0,
-        steps_completed=len(loop.step_metrics) if loop else 0,
+        epochs_completed=len(loop.val_losses) if loop else 0,
+        steps_completed=loop.next_step if loop else 0,
         final_val_loss=None,
-        best_val_loss=min((m.val_loss for m in loop.epoch_metadata), default=None) if loop else None,
+        best_val_loss=min(loop.val_losses, default=None) if loop else None,
         target_val_loss=config.target_val_loss,
         abort=ContractAbort(AbortReason.RANK_FAILURE, message, step=step, ranks=ranks),
     )
-    return {**result.to_dict(), "exit_code": int(code)}
+    out = {**result.to_dict(), **(loop.status_extra if loop else {}), "status": status, "exit_code": int(code),
+           "reason": reason}
+    out["abort"]["reason"] = reason
+    return out
 
 
 def _report(result: RunResult, config: PretrainConfig) -> None:
     if result.abort is not None:
-        label = "STOPPED" if result.status is RunStatus.STOPPED else "ABORTED"
+        label = "PREEMPTED" if result.status is RunStatus.PREEMPTED else "ABORTED"
         log.error("%s (exit %d): %s", label, result.exit_code, result.abort.message)
     else:
         log.info(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from albor.atomic_files import write_json_atomic
 from albor.config import PretrainConfig
-from albor.contract import EpochArtifact
+from albor.contract import CheckpointPoint
 from albor.loop import CheckpointError, StepResult
 
 
@@ -106,10 +106,11 @@ class RecordingCheckpoint:
         self.calls: list[tuple[int, Path]] = []
         self.fail_on = set(fail_on)
 
-    def save(self, epoch: int, artifact: EpochArtifact, metadata) -> None:
-        if epoch in self.fail_on:
-            raise CheckpointError(f"disk full writing {artifact.checkpoint_path.name}")
-        artifact.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        artifact.checkpoint_path.write_bytes(b"ckpt")
-        write_json_atomic(artifact.metadata_path, metadata)
-        self.calls.append((epoch, artifact.checkpoint_path))
+    def save(self, point: CheckpointPoint, metadata) -> None:
+        if point.epoch in self.fail_on:
+            raise CheckpointError(f"disk full writing {point.tag}")
+        if point.apr_path is not None:
+            point.apr_path.parent.mkdir(parents=True, exist_ok=True)
+            point.apr_path.write_bytes(b"ckpt")
+        write_json_atomic(point.metadata_path, metadata)
+        self.calls.append((point.epoch, point.apr_path))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from albor.contract import (
     AbortReason,
     ContractAbort,
-    EpochArtifact,
+    CheckpointPoint,
     Regime,
     StepMetrics,
     check_non_divergence,
@@ -162,7 +162,11 @@ def test_abort_to_dict_is_json_safe():
     assert d["ranks"] == [1] and d["reason"] == "numerical_instability"
 
 
-def test_epoch_artifact_paths_match_contract_template(tmp_path):
-    art = EpochArtifact.for_epoch(tmp_path / "run", 7)
-    assert art.checkpoint_path == tmp_path / "run" / "ckpt" / "epoch-007.apr"
+def test_checkpoint_paths_match_contract_template(tmp_path):
+    art = CheckpointPoint.for_epoch(tmp_path / "run", 7, step=800)
+    assert art.apr_path == tmp_path / "run" / "ckpt" / "epoch-007.apr"
     assert art.metadata_path == tmp_path / "run" / "ckpt" / "epoch-007.metadata.json"
+    assert (art.tag, art.kind, art.step, art.epoch) == ("epoch-007", "epoch", 800, 7)
+    pre = CheckpointPoint.for_preemption(tmp_path / "run", 1234, epoch=12)
+    assert pre.apr_path is None and pre.metadata_path == tmp_path / "run" / "ckpt" / "step-0001234.metadata.json"
+    assert (pre.tag, pre.kind, pre.step, pre.epoch) == ("step-0001234", "preemption", 1234, 12)
