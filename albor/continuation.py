@@ -16,9 +16,17 @@ from typing import Any
 from albor.config import PretrainConfig
 from albor.distributed.process_group import DistEnv
 from albor.distributed.resume import restore
-from albor.errors import ConfigError, DataError
+from albor.errors import AlborError, ConfigError, DataError
 from albor.loop import PretrainLoop
-from albor.resume_plan import CheckpointOnDisk, check_compatible, find_resume_point, remove_debris, scan_checkpoints
+from albor.resume_plan import (
+    CheckpointOnDisk,
+    check_compatible,
+    find_resume_point,
+    remove_debris,
+    scan_checkpoints,
+    truncate_metrics,
+)
+from albor.run_files import METRICS_FILE
 
 log = logging.getLogger("albor")
 
@@ -39,10 +47,25 @@ def choose_checkpoint(
         log.info("resume: no complete checkpoint in %s; starting from step 0", config.output_dir / "ckpt")
         return None
     check_compatible(point, identity, world_size=env.world_size, gradient_accumulation=gradient_accumulation)
-    if env.is_main:
-        remove_debris(scan_checkpoints(config.output_dir).debris, log)
     log.info("resume: continuing from %s", point.describe())
     return point
+
+
+def prepare_run_dir(config: PretrainConfig, env: DistEnv, point: CheckpointOnDisk | None) -> None:
+    """Rank 0 removes debris and the metrics rows written after ``point``; every rank learns how that went."""
+    error: AlborError | None = None
+    if env.is_main:
+        try:
+            remove_debris(scan_checkpoints(config.output_dir).debris, log)
+            # Rows the interrupted run wrote after its checkpoint: each step is logged once.
+            dropped = truncate_metrics(config.output_dir / METRICS_FILE, keep_below_step=point.step if point else 0)
+            if dropped:
+                log.info("resume: dropped %d metrics.jsonl row(s) written after the checkpoint", dropped)
+        except AlborError as e:
+            error = e
+        except OSError as e:
+            error = ConfigError(f"cannot prepare {config.output_dir} to resume ({e}): check its permissions and space")
+    env.raise_together(error, "preparing the run directory")
 
 
 def restore_run(parts, loop: PretrainLoop, env: DistEnv, point: CheckpointOnDisk) -> dict[str, Any]:

@@ -10,6 +10,7 @@ master partitions (albor.distributed.resume.load_fp32_masters).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from albor.apr import read_apr
@@ -51,5 +52,7 @@ def read_model_file(path: Path, cfg: ModelConfig, *, model_name: str) -> dict[st
     weights = {name: t.clone() for name, t in tensors.items()}  # own storage, not views of the file's buffer
     with torch.device("meta"):  # shapes only: costs no memory
         shape_check = AlborLlama(cfg)
-    load_hf_state_dict(shape_check, weights)  # names and shapes (ConfigError), before anything is built
+    with warnings.catch_warnings():  # copying into meta tensors is a no-op by design here, and torch says so
+        warnings.simplefilter("ignore", UserWarning)
+        load_hf_state_dict(shape_check, weights)  # names and shapes (ConfigError), before anything is built
     return weights

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,9 +22,8 @@ from albor.distributed.process_group import DistEnv
 from albor.distributed.resume import load_fp32_masters
 from albor.distributed.step import DeepSpeedStep
 from albor.distributed.validation import DeepSpeedValidation
-from albor.errors import AlborError, ConfigError, DataError, ExitCode
+from albor.errors import AlborError, DataError
 from albor.faults import FaultPlan
-from albor.init_from import read_model_file
 from albor.loop import PretrainLoop
 from albor.model import AlborLlama, ModelConfig, flops_per_token, model_preset
 from albor.resume_plan import run_fields
@@ -69,12 +68,7 @@ def open_data(config: PretrainConfig, env: DistEnv) -> OpenedData:
         error = e
     except Exception as e:  # unreadable file, out of memory…: still reach the vote
         error = DataError(f"opening the dataset failed: {type(e).__name__}: {e}")
-    codes = [int(c) for c in env.per_rank(int(error.exit_code) if error is not None else 0)]
-    worst = max(codes)
-    if worst:
-        failed = ", ".join(str(r) for r, c in enumerate(codes) if c)
-        message = str(error) if error is not None else f"the dataset could not be opened on rank(s) {failed}; that rank's error above says why and how to fix it"
-        raise (ConfigError if worst == ExitCode.USAGE else DataError)(message)
+    env.raise_together(error, "opening the dataset")
     return OpenedData(model_cfg, dataset, train_loader, val_loader)
 
 
@@ -133,16 +127,16 @@ def build_run(
     ds_config: dict[str, Any],
     data: OpenedData,
     *,
+    init_weights: Mapping[str, torch.Tensor] | None = None,
     faults: FaultPlan | None = None,
     stop: StopSignals | None = None,
 ) -> RunParts:
-    """Model (from ``config.init_from`` when given), DeepSpeed engine, step, validation and checkpoint writer."""
+    """Model (from ``init_weights``, an ``--init-from`` file, when given), engine, step, validation, checkpoint writer."""
     torch.manual_seed(config.seed)  # identical init on every rank and in every rerun (gate 006)
-    weights = read_model_file(config.init_from, data.model_cfg, model_name=config.model) if config.init_from else None
     model = AlborLlama(data.model_cfg)
     engine = build_engine(model, ds_config, env, lr=config.lr_max, weight_decay=config.weight_decay)
-    if weights is not None:  # after the build: under bf16 the fp32 masters must come from the file, not the module
-        load_fp32_masters(engine, env, weights)
+    if init_weights is not None:  # after the build: under bf16 the fp32 masters must come from the file, not the module
+        load_fp32_masters(engine, env, init_weights)
     device_name, uuid = _gpu_identity(env)
     gpu = GpuUtilization(uuid)
     step_fn = DeepSpeedStep(

@@ -24,10 +24,11 @@ from albor.errors import AlborError, ExitCode
 from albor.loop import PretrainLoop, RunResult, RunStatus
 from albor.model import num_parameters
 from albor.preflight import preflight
-from albor.continuation import choose_checkpoint, restore_run
+from albor.continuation import choose_checkpoint, prepare_run_dir, restore_run
+from albor.init_from import read_model_file
 from albor.distributed.resume import needs_universal
-from albor.resume_plan import launcher_command, resume_command, run_fields, truncate_metrics
-from albor.run_files import METRICS_FILE, STATUS_FILE, RunFiles, write_exit_record
+from albor.resume_plan import launcher_command, resume_command, run_fields
+from albor.run_files import STATUS_FILE, RunFiles, write_exit_record
 from albor.run_setup import build_run, open_data
 from albor.stop_signal import StopSignals, watch_launcher
 
@@ -84,17 +85,21 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
     try:
         data = open_data(config, env)
         accumulation = ds["gradient_accumulation_steps"]
-        point = None
+        point = weights = None
+        if config.init_from is not None:  # checked before anything is written or built
+            error = None
+            try:
+                weights = read_model_file(config.init_from, data.model_cfg, model_name=config.model)
+            except AlborError as e:
+                error = e
+            env.raise_together(error, "reading --init-from")
         if config.resume is not None:
             identity = run_fields(config, global_batch=config.batch_size * accumulation * env.world_size,
                                   dataset_fingerprint=data.dataset.fingerprint)
             point = choose_checkpoint(config, env, identity, gradient_accumulation=accumulation)
             if point is not None and needs_universal(point.world_size, env.world_size):
                 ds = {**ds, "checkpoint": {"load_universal": True}}  # resharded through DeepSpeed's universal format
-            if env.is_main:  # rows the interrupted run wrote after its checkpoint: each step is logged once
-                dropped = truncate_metrics(config.output_dir / METRICS_FILE, keep_below_step=point.step if point else 0)
-                if dropped:
-                    log.info("resume: dropped %d metrics.jsonl row(s) written after the checkpoint", dropped)
+            prepare_run_dir(config, env, point)
         files = RunFiles(config.output_dir, enabled=env.is_main)
         files.write_text("config.yaml", config.to_yaml())
         files.write_json("ds_config.json", ds)
@@ -107,7 +112,7 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
         }
         files.write_json(STATUS_FILE, {"status": "running", "world_size": env.world_size, **status_extra})
 
-        parts = build_run(config, env, ds, data, faults=faults, stop=stop)
+        parts = build_run(config, env, ds, data, init_weights=weights, faults=faults, stop=stop)
         model_cfg = data.model_cfg
         log.info(
             "albor: %s (%s params, %s with the tied head) | world %d on %s%s | %s | tokens/step %d | %d epoch(s) of %d steps",
@@ -197,7 +202,7 @@ def _ended_status(
         abort=ContractAbort(AbortReason.RANK_FAILURE, message, step=step, ranks=ranks),
     )
     out = {**result.to_dict(), **(loop.status_extra if loop else {}), "status": status, "exit_code": int(code),
-           "reason": reason}
+           "reason": reason, **({"checkpoint": None} if status == "preempted" else {})}
     out["abort"]["reason"] = reason
     return out
 

@@ -173,7 +173,7 @@ def test_one_rank_failing_to_open_the_dataset_fails_every_rank_alike(ranks, scen
 def test_the_rank_that_failed_names_its_problem_and_its_peer_names_the_rank(ranks):
     own, peer = ranks[1]["votes"]["corrupt_shard_on_1"][3], ranks[0]["votes"]["corrupt_shard_on_1"][3]
     assert "does not match" in own
-    assert peer == "the dataset could not be opened on rank(s) 1; that rank's error above says why and how to fix it"
+    assert peer == "opening the dataset failed on rank(s) 1; that rank's error above says why and how to fix it"
     assert ranks[1]["votes"]["os_error_on_1"][3].startswith("opening the dataset failed: OSError")
 
 

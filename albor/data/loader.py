@@ -226,7 +226,7 @@ class TrainLoader:
             if state[key] != mine:
                 raise ConfigError(
                     f"cannot resume the data order exactly: the checkpoint has {key} {state[key]}, this run "
-                    f"{mine}; keep --seq-length, --batch-size and the world size of the original run"
+                    f"{mine}; keep --seq-length and the global batch (micro-batch x gradient accumulation x world size) of the original run"
                 )
         if not 0 <= int(state["position"]) <= self.batches_per_epoch or int(state["data_epoch"]) < 0:
             raise DataError(f"the checkpoint's data cursor {state} is out of range for this dataset")

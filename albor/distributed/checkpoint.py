@@ -49,6 +49,7 @@ from albor.distributed.process_group import DistEnv
 from albor.errors import DataError
 from albor.loop import CheckpointError
 from albor.model import ModelConfig, to_hf_state_dict
+from albor.resume_plan import rank_state_path
 
 log = logging.getLogger("albor")
 
@@ -121,11 +122,6 @@ def _gather_to_main(flat: torch.Tensor, env: DistEnv) -> torch.Tensor | None:
 
 
 # --- each rank's own state: RNGs and the data cursor --------------------------------------
-
-
-def rank_state_path(ds_dir: Path, tag: str, rank: int) -> Path:
-    """Where rank ``rank`` keeps its RNG states and data cursor for checkpoint ``tag``."""
-    return Path(ds_dir) / tag / f"albor-rank-{rank}.json"
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -331,7 +327,7 @@ class Checkpointer:
                     ))
                 _record(errors, lambda: _sync_own_deepspeed_files(self.ds_dir / tag, self.env.rank))
                 _record(errors, lambda: write_json_atomic(
-                    rank_state_path(self.ds_dir, tag, self.env.rank), capture_rank_state(self.env, self.loader, tag)
+                    rank_state_path(self.ds_dir / tag, self.env.rank), capture_rank_state(self.env, self.loader, tag)
                 ))
                 failed = self.env.ranks_where(bool(errors))  # vote 1: every rank's files are written
                 if not failed and self.env.is_main:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from albor.distributed.compat import set_group_timeouts
+from albor.errors import AlborError, ConfigError, DataError, ExitCode
 
 #: First collectives may wait for a rank that tokenizes a raw corpus or compiles an op.
 STARTUP_TIMEOUT_S = float(os.environ.get("ALBOR_STARTUP_TIMEOUT_S", 900))
@@ -61,6 +62,23 @@ class DistEnv:
     def ranks_where(self, flag: bool) -> list[int]:
         """The ranks where ``flag`` is true, known to every rank."""
         return [r for r, v in enumerate(self.per_rank(float(flag))) if v]
+
+    def raise_together(self, error: AlborError | None, what: str) -> None:
+        """One vote: if any rank met an error, every rank raises one, with the highest exit code any rank met.
+
+        A rank whose own part succeeded names the failed rank(s) and points at their message; the exit
+        code is the same everywhere, so a node with a bad disk cannot leave its peers waiting in a collective.
+        """
+        codes = [int(c) for c in self.per_rank(int(error.exit_code) if error is not None else 0)]
+        worst = max(codes)
+        if not worst:
+            return
+        if error is None:
+            failed = ", ".join(str(r) for r, c in enumerate(codes) if c)
+            error = DataError(f"{what} failed on rank(s) {failed}; that rank's error above says why and how to fix it")
+        if error.exit_code != worst:
+            error = (ConfigError if worst == ExitCode.USAGE else DataError)(str(error))
+        raise error
 
     def set_timeout(self, seconds: float) -> None:
         """Change the collective timeout of every group this rank is in, from now on.

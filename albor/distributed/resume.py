@@ -29,15 +29,15 @@ from pathlib import Path
 import torch
 
 from albor.data.loader import TrainLoader
-from albor.distributed.checkpoint import RankState, rank_state_path, read_rank_state
+from albor.distributed.checkpoint import RankState, read_rank_state
 from albor.distributed.compat import convert_to_universal, zero_master_groups
 from albor.distributed.process_group import DistEnv
-from albor.errors import AlborError, ConfigError, DataError, ExitCode
+from albor.errors import AlborError, DataError
 from albor.model import load_hf_state_dict
+from albor.resume_plan import UNIVERSAL_SUFFIX, rank_state_path
 
 log = logging.getLogger("albor")
 
-UNIVERSAL_SUFFIX = "_universal"
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 #: One rank's ZeRO optimizer partition (``bf16_`` when saved by a bf16 engine).
 _SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
@@ -160,7 +160,7 @@ def _this_ranks_state(ds_dir: Path, tag: str, rank: int, saved_world_size: int) 
     saved peers disagree is warned about, since then it cannot be exact.
     """
     source = rank if rank < saved_world_size else 0
-    state = read_rank_state(rank_state_path(ds_dir, tag, source), tag)
+    state = read_rank_state(rank_state_path(Path(ds_dir) / tag, source), tag)
     if (state.rank, state.world_size) != (source, saved_world_size):
         raise DataError(
             f"{state.path}: written by rank {state.rank} of {state.world_size}, expected rank {source} of "
@@ -168,7 +168,7 @@ def _this_ranks_state(ds_dir: Path, tag: str, rank: int, saved_world_size: int) 
         )
     if source != rank:
         for other in range(1, saved_world_size):
-            peer = read_rank_state(rank_state_path(ds_dir, tag, other), tag)
+            peer = read_rank_state(rank_state_path(Path(ds_dir) / tag, other), tag)
             if not _same_rngs(state, peer):
                 log.warning("rank %d takes rank 0's RNG states, but saved rank %d's differed: the continuation "
                             "is not exact if anything draws random numbers", rank, other)
@@ -222,13 +222,4 @@ def _attempt(action: Callable[[], None], what: str, *, half_loaded: bool = False
 
 def _agree(env: DistEnv, error: AlborError | None) -> None:
     """One vote: if any rank failed, every rank raises, with the highest exit code any rank met."""
-    codes = [int(c) for c in env.per_rank(int(error.exit_code) if error is not None else 0)]
-    worst = max(codes)
-    if not worst:
-        return
-    if error is None:
-        failed = ", ".join(str(r) for r, c in enumerate(codes) if c)
-        error = DataError(f"resuming failed on rank(s) {failed}; that rank's error says why and what to do")
-    if error.exit_code != worst:
-        error = (ConfigError if worst == ExitCode.USAGE else DataError)(str(error))
-    raise error
+    env.raise_together(error, "resuming")
