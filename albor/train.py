@@ -164,7 +164,8 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
 def _crash_status(e: Exception, env: DistEnv, loop: PretrainLoop | None, config: PretrainConfig, code: ExitCode) -> dict:
     """status.json for an exception that escaped the loop, on rank 0."""
     text = str(e)
-    if "closed by peer" in text or "timed out" in text.lower():  # gloo's and NCCL's words for it
+    # gloo's words for a dead peer ("closed"/"reset by peer", "Broken pipe") and a collective's timeout.
+    if any(words in text.lower() for words in ("closed by peer", "reset by peer", "broken pipe", "timed out")):
         # rank 0 only saw the symptom; the dead rank is not known here
         return _ended_status(f"lost a peer rank during a collective ({type(e).__name__}: {text})", env, loop, config, code)
     return _ended_status(f"{type(e).__name__} on rank {env.rank}: {text}", env, loop, config, code, ranks=(env.rank,))

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-LAUNCH_TIMEOUT_S = 180.0
+LAUNCH_TIMEOUT_S = 300.0  # a last resort: collective timeouts end a hung run well before it
+#: How often a watched launch calls its observer (see :func:`launch`).
+OBSERVE_EVERY_S = 0.2
 # Variables a surrounding launcher may have set; a child run must not inherit them.
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ALBOR_FAULT")
 
@@ -67,6 +69,17 @@ def deepspeed_ops_ready() -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without the variables of a launcher around the test run."""
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+
+
+@pytest.fixture
+def child_environment() -> dict[str, str]:
+    """:func:`clean_environment`, for a test that starts a command of its own (its own copy to change)."""
+    return clean_environment()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -75,13 +88,17 @@ def free_port() -> int:
 
 @dataclasses.dataclass
 class Launch:
-    """One finished run: the launcher's exit code, its wall time, its run directory and its output."""
+    """One finished run: the launcher's exit code, its wall time, its run directory and its output.
+
+    ``observed`` is what the launch's observer returned while the run was live (None without one).
+    """
 
     returncode: int
     elapsed: float
     run_dir: Path
     output: str
     argv: list[str]
+    observed: Any = None
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.run_dir / "metrics.jsonl"
@@ -95,6 +112,19 @@ class Launch:
     def metadata(self, epoch: int) -> dict[str, Any]:
         return json.loads((self.run_dir / "ckpt" / f"epoch-{epoch:03d}.metadata.json").read_text())
 
+    def exit_records(self) -> dict[int, dict[str, Any]]:
+        """{rank: that rank's own ``ranks/rank-R.exit.json``}; a rank killed outright has none."""
+        records = {}
+        for path in sorted((self.run_dir / "ranks").glob("rank-*.exit.json")):
+            record = json.loads(path.read_text())
+            assert path.name == f"rank-{record['rank']}.exit.json", (path, record)
+            records[record["rank"]] = record
+        return records
+
+    def exit_codes(self) -> dict[int, int]:
+        """{rank: the exit code that rank recorded for itself}."""
+        return {rank: record["exit_code"] for rank, record in self.exit_records().items()}
+
     def tail(self, n: int = 4000) -> str:
         return f"$ {' '.join(self.argv)}\n(exit {self.returncode}, {self.elapsed:.1f} s)\n{self.output[-n:]}"
 
@@ -107,11 +137,15 @@ def launch(
     nproc: int = 2,
     env: Mapping[str, str] | None = None,
     timeout: float = LAUNCH_TIMEOUT_S,
+    observe: Callable[[Path], Any] | None = None,
 ) -> Launch:
     """Run ``albor.pretrain`` under ``deepspeed``, ``torchrun`` or plain ``python`` into ``run_dir``.
 
     A fresh master port per launch; the whole process tree is killed on timeout
-    and the test fails with the output so far.
+    and the test fails with the output so far. With ``observe``, the run
+    directory is handed to it every :data:`OBSERVE_EVERY_S` while the run is
+    live, until it returns something other than None: that value becomes
+    ``Launch.observed`` (e.g. status.json read as soon as the first step is logged).
     """
     if how == "deepspeed":
         cmd = [str(BIN / "deepspeed"), "--quiet", "--num_gpus", str(nproc), "--master_port", str(free_port()),
@@ -124,7 +158,7 @@ def launch(
     else:
         raise ValueError(f"unknown launcher {how!r}")
     cmd += [*args, "--output-dir", str(run_dir)]
-    child_env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    child_env = clean_environment()
     # One thread a rank: 2 ranks on 2 cores, and a loaded machine does not oversubscribe
     # (a dev-mode run with default threads was measured 6x slower on a busy 2-core box).
     child_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
@@ -135,18 +169,32 @@ def launch(
         start_new_session=True,  # its own process group: a timeout kills the ranks too
     )
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, observed = _wait(proc, start + timeout, run_dir, observe)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         elapsed = time.monotonic() - start
         pytest.fail(f"run hung: killed after {elapsed:.0f} s\n$ {' '.join(cmd)}\n{(out or '')[-4000:]}")
+    finally:  # stragglers (a rank the launcher forgot, a run an observer error left) must not outlive the test
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     elapsed = time.monotonic() - start
-    try:  # stragglers (a rank the launcher forgot) must not outlive the test
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return Launch(proc.returncode, elapsed, run_dir, out, cmd)
+    return Launch(proc.returncode, elapsed, run_dir, out, cmd, observed)
+
+
+def _wait(proc: subprocess.Popen, deadline: float, run_dir: Path, observe) -> tuple[str, Any]:
+    """(the run's whole output, what ``observe`` returned while it was live, or None)."""
+    while observe is not None:
+        try:  # a retried communicate() loses no output (subprocess docs)
+            return proc.communicate(timeout=OBSERVE_EVERY_S)[0], None
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                raise
+        if (value := observe(run_dir)) is not None:
+            return proc.communicate(timeout=max(deadline - time.monotonic(), 0.0))[0], value
+    return proc.communicate(timeout=max(deadline - time.monotonic(), 0.0))[0], None
 
 
 @pytest.fixture(scope="session")
