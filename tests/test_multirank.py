@@ -46,7 +46,7 @@ METADATA_FIELDS = (
 )
 # Collective timeouts for the drills: a hang after the first step ends the run at 30 s, one during
 # start-up or a checkpoint at 60 s, both far inside the launch's own 300 s (conftest.LAUNCH_TIMEOUT_S).
-DRILL_ENV = {"ALBOR_STEP_TIMEOUT_S": "30", "ALBOR_STARTUP_TIMEOUT_S": "60"}
+DRILL_ENV = {"ALBOR_STEP_TIMEOUT_S": "30", "ALBOR_STARTUP_TIMEOUT_S": "240"}  # start-up on a loaded 2-core box can take minutes
 
 
 def base_args(dataset: Path, config: Path, *, batch: int = BATCH, seed: int | None = None) -> list[str]:
