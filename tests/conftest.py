@@ -54,21 +54,6 @@ def builtin_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _shm_op_built() -> bool:
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    return any(root.glob("*/deepspeed_shm_comm/*.so"))
-
-
-@pytest.fixture(scope="session")
-def deepspeed_ops_ready() -> None:
-    """Compile DeepSpeed's CPU shared-memory comm op once (30-60 s), so no run times its build."""
-    if _shm_op_built():
-        return
-    cmd = [sys.executable, "-c",
-           "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-
-
 def clean_environment() -> dict[str, str]:
     """This process's environment without the variables of a launcher around the test run."""
     return {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
@@ -198,6 +183,6 @@ def _wait(proc: subprocess.Popen, deadline: float, run_dir: Path, observe) -> tu
 
 
 @pytest.fixture(scope="session")
-def albor_launch(deepspeed_ops_ready: None):
+def albor_launch():
     """``launch`` itself, after the DeepSpeed op is built (see :func:`launch`)."""
     return launch

@@ -94,6 +94,9 @@ def _rank_main(
         dist.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout + 60)
         )
+        # Every rank is past gloo's rendezvous before any runs fn: rank 0 hosts the store, and a
+        # rank 0 whose fn returns at once would otherwise exit under a peer still connecting.
+        dist.barrier()
         result = ("ok", fn(rank, world_size, *args))
     except BaseException:
         result = ("error", traceback.format_exc())

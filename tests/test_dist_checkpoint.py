@@ -69,7 +69,6 @@ def _build(rank: int, world_size: int, tmp: Path):
     import numpy as np
     import torch
 
-    import deepspeed
     from albor.data.loader import Split, TrainLoader
     from albor.distributed.ds_config import default_ds_config_path, load_ds_config, resolve_ds_config
     from albor.distributed.engine import build_engine
@@ -78,7 +77,9 @@ def _build(rank: int, world_size: int, tmp: Path):
     from albor.model import AlborLlama, model_preset
     from fakes import loop_config
 
-    deepspeed.init_distributed(dist_backend="gloo")  # adopts the harness's group, as init_distributed does
+    from albor.distributed.process_group import init_distributed
+
+    init_distributed()  # adopts the harness's group, as a launched rank does
     env = DistEnv(rank, world_size, rank, torch.device("cpu"))
     config = loop_config(tmp / f"config-{rank}", batch_size=MICRO, seq_length=SEQ, seed=SEED)
     ds = resolve_ds_config(
@@ -260,7 +261,7 @@ def _scenarios(rank: int, world_size: int, tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(deepspeed_ops_ready, tmp_path_factory) -> tuple[Path, list[dict]]:
+def run(tmp_path_factory) -> tuple[Path, list[dict]]:
     tmp = tmp_path_factory.mktemp("dist-ckpt")
     ranks = run_distributed_test(_scenarios, WORLD, tmp, timeout=240, env=RANK_ENV)
     return tmp, ranks

@@ -38,7 +38,6 @@ def _build(rank: int, world_size: int, tmp: Path, *, micro: int, init_seed: int,
     import numpy as np
     import torch
 
-    import deepspeed
     from albor.data.loader import Split, TrainLoader
     from albor.distributed.ds_config import default_ds_config_path, load_ds_config, resolve_ds_config
     from albor.distributed.engine import build_engine
@@ -47,7 +46,9 @@ def _build(rank: int, world_size: int, tmp: Path, *, micro: int, init_seed: int,
     from albor.model import AlborLlama, model_preset
     from fakes import loop_config
 
-    deepspeed.init_distributed(dist_backend="gloo")  # adopts the harness's group
+    from albor.distributed.process_group import init_distributed
+
+    init_distributed()  # adopts the harness's group, as a launched rank does
     env = DistEnv(rank, world_size, rank, torch.device("cpu"))
     config = loop_config(tmp / f"config-{rank}-{world_size}", batch_size=micro, seq_length=SEQ, seed=SEED)
     ds = resolve_ds_config(
@@ -246,7 +247,7 @@ def _one_rank(rank: int, world_size: int, tmp: Path, ds_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two(deepspeed_ops_ready, tmp_path_factory) -> tuple[Path, list[dict]]:
+def two(tmp_path_factory) -> tuple[Path, list[dict]]:
     tmp = tmp_path_factory.mktemp("dist-resume")
     return tmp, run_distributed_test(_two_ranks, WORLD, tmp, timeout=240, env=RANK_ENV)
 

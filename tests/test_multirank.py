@@ -446,6 +446,17 @@ def test_exception_on_one_rank_ends_every_rank_with_14(albor_launch, builtin_dat
     assert_no_timeout(status["abort"]["message"])
 
 
+def shared_memory_left(run) -> list[str]:
+    """DeepSpeed's CPU all-reduce segments named by this launch's port (it never unlinks them)."""
+    port = run.argv[run.argv.index("--master_port") + 1]
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def test_no_rank_leaves_a_shared_memory_segment(ds_run):
+    # 66 MB a rank a run, leaked into /dev/shm until it filled: albor keeps DeepSpeed from mapping it.
+    assert shared_memory_left(ds_run) == []
+
+
 def test_killed_rank_ends_the_survivor_with_14(albor_launch, builtin_dataset, config_default_target, work):
     run = fault_run(albor_launch, builtin_dataset, config_default_target, work, "kill:1:3")
     assert run.returncode != 0, run.tail()
@@ -469,6 +480,7 @@ def test_killed_rank_ends_the_survivor_with_14(albor_launch, builtin_dataset, co
     assert "closed by peer" in message or "reset by peer" in message, message
     assert_no_timeout(message)
     assert 0 not in status["abort"]["ranks"], status["abort"]
+    assert shared_memory_left(run) == []
 
 
 def test_validation_spike_on_one_rank_ends_every_rank_with_exactly_10(

@@ -139,7 +139,6 @@ def _edges(optimizer, world_size: int, group_numels: list[int]) -> list[int]:
 
 
 def _rank(rank: int, world_size: int, out: Path) -> dict:
-    import deepspeed
     from albor.distributed import compat
     from albor.distributed.ds_config import default_ds_config_path, load_ds_config, resolve_ds_config
     from albor.distributed.engine import build_engine
@@ -148,7 +147,9 @@ def _rank(rank: int, world_size: int, out: Path) -> dict:
     from albor.model import AlborLlama, model_preset
     from fakes import loop_config
 
-    deepspeed.init_distributed(dist_backend="gloo")  # adopts the harness's group
+    from albor.distributed.process_group import init_distributed
+
+    init_distributed()  # adopts the harness's group, as a launched rank does
     env = DistEnv(rank, world_size, rank, torch.device("cpu"))
     config = loop_config(out / f"config-{rank}", batch_size=2, seq_length=8)
     ds = resolve_ds_config(load_ds_config(default_ds_config_path("cpu", world_size)), config,
@@ -201,7 +202,7 @@ def _rank(rank: int, world_size: int, out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(deepspeed_ops_ready, tmp_path_factory) -> dict[int, tuple[Path, list[dict]]]:
+def runs(tmp_path_factory) -> dict[int, tuple[Path, list[dict]]]:
     # The three launches run side by side: most of a rank's time is start-up, not this box's two cores.
     tmps = {world_size: tmp_path_factory.mktemp(f"ws{world_size}") for world_size in (1, 2, 3)}
     with concurrent.futures.ThreadPoolExecutor(len(tmps)) as pool:

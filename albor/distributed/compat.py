@@ -5,7 +5,8 @@ timeout on every process group (DeepSpeed makes its own groups), ZeRO's
 partition of the optimizer state (for the optimizer-state sha and the fp32
 masters in the .apr), DeepSpeed's checkpoint file writes (so a failed write
 cannot strand the peers in a barrier), its universal-checkpoint conversion
-(to resume on another world size) and whether the CPU has bf16. Each use lives here and nowhere else in albor,
+(to resume on another world size), whether the CPU has bf16, and a way to keep DeepSpeed from
+building its CPU shared-memory all-reduce. Each use lives here and nowhere else in albor,
 except one override: albor.model.rope's ``_apply`` (checked here all the same).
 :func:`check_environment` runs before any process group and verifies that
 every name albor touches still exists, so a torch or DeepSpeed upgrade that
@@ -59,6 +60,7 @@ _DEEPSPEED_NAMES = [
     (_CHECKPOINT_ENGINE, "makedirs"),
     # Its command-line entry point, called in-process with the Namespace its parser would build.
     ("deepspeed.checkpoint.ds_to_universal", "main"),
+    ("deepspeed.comm.torch", "build_shm_op"),
 ]
 #: Instance attributes cannot be looked up without an instance (an engine): these
 #: are checked as names the class's own methods still read or set.
@@ -227,6 +229,21 @@ def cpu_bf16_supported() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except RuntimeError:  # a torch built without oneDNN
         return False
+
+
+def without_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's communication backend from building and mapping its CPU shared-memory all-reduce.
+
+    DeepSpeed's TorchBackend compiles that op on first use (about a minute) and
+    maps a 66 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` segment per rank,
+    named by address, port and rank, which it never unlinks: every run leaked
+    it, a container's 64 MB ``/dev/shm`` crashed the ranks, and a later run on
+    the same port mapped the stale one. It serves only ``inference_all_reduce``
+    (tensor-parallel inference), which ZeRO-2 training never calls; gloo does
+    every collective albor makes. Call before ``deepspeed.init_distributed``.
+    """
+    # By module path: the attribute deepspeed.comm.torch is torch itself (deepspeed.comm re-exports it).
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 # --- the start-up check ---------------------------------------------------------------

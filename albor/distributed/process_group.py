@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from albor.distributed.compat import set_group_timeouts
+from albor.distributed.compat import set_group_timeouts, without_shared_memory_allreduce
 from albor.errors import AlborError, ConfigError, DataError, ExitCode
 
 #: First collectives may wait for a rank that tokenizes a raw corpus or compiles an op.
@@ -117,6 +117,7 @@ def init_distributed() -> DistEnv:
         # per core and they oversubscribe the CPU several times over (torchrun sets 1).
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    without_shared_memory_allreduce()
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group made above
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
