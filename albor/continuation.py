@@ -26,7 +26,7 @@ from albor.resume_plan import (
     scan_checkpoints,
     truncate_metrics,
 )
-from albor.run_files import METRICS_FILE
+from albor.run_files import METRICS_FILE, clear_exit_records
 
 log = logging.getLogger("albor")
 
@@ -61,6 +61,8 @@ def prepare_run_dir(config: PretrainConfig, env: DistEnv, point: CheckpointOnDis
             dropped = truncate_metrics(config.output_dir / METRICS_FILE, keep_below_step=point.step if point else 0)
             if dropped:
                 log.info("resume: dropped %d metrics.jsonl row(s) written after the checkpoint", dropped)
+            # The earlier attempt's ranks said how they ended; this attempt's ranks (perhaps fewer) say it anew.
+            clear_exit_records(config.output_dir)
         except AlborError as e:
             error = e
         except OSError as e:

