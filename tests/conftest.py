@@ -184,5 +184,39 @@ def _wait(proc: subprocess.Popen, deadline: float, run_dir: Path, observe) -> tu
 
 @pytest.fixture(scope="session")
 def albor_launch():
-    """``launch`` itself, after the DeepSpeed op is built (see :func:`launch`)."""
+    """``launch`` itself (see :func:`launch`)."""
     return launch
+
+
+#: A short one-process (dev-mode) run of the tiny preset: 3 epochs of 4 steps, micro-batch 4 x 64 tokens.
+DEV_RUN_ARGS = [
+    "--model", "tiny", "--mode", "from-scratch", "--total-steps", "12", "--steps-per-epoch", "4",
+    "--batch-size", "4", "--seq-length", "64", "--warmup-steps", "2", "--lr-max", "1e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def dev_run_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1 validation batch (speed) and a target the tiny run certainly meets."""
+    p = tmp_path_factory.mktemp("dev-run-config") / "run.yaml"
+    p.write_text("val_batches: 1\ntarget_val_loss: 100.0\n")
+    return p
+
+
+@pytest.fixture(scope="session")
+def finished_dev_run(builtin_dataset: Path, dev_run_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Launch:
+    """A real finished run (exit 0) for tests that read a run directory: reports, exports. Shared: do not change it."""
+    run_dir = tmp_path_factory.mktemp("dev-run") / "finished"
+    run = launch("python", ["--dataset", str(builtin_dataset), "--config", str(dev_run_config), *DEV_RUN_ARGS], run_dir)
+    assert run.returncode == 0, run.tail()
+    return run
+
+
+@pytest.fixture(scope="session")
+def aborted_dev_run(builtin_dataset: Path, dev_run_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Launch:
+    """The same run aborted by a NaN loss at step 6 (exit 12), after epoch 0's checkpoint. Shared: do not change it."""
+    run_dir = tmp_path_factory.mktemp("dev-run") / "aborted"
+    run = launch("python", ["--dataset", str(builtin_dataset), "--config", str(dev_run_config), *DEV_RUN_ARGS],
+                 run_dir, env={"ALBOR_FAULT": "nan:0:6"})
+    assert run.returncode == 12, run.tail()
+    return run
