@@ -480,9 +480,10 @@ def test_a_second_sigterm_during_the_preemption_save_ends_the_job_at_once(second
     tag = first.run.observed["tag"]
     # Rank 0 exits 128 + 15 at once, without a checkpoint; rank 1 loses its peer in the save: 14.
     assert first.exit_codes == {0: 128 + signal.SIGTERM, 1: 14}, first.run.tail()
-    # At once, not when a timeout or the launcher's own clean-up ends the wait (the collective timeouts are 30-60 s).
+    # At once, not when a timeout or the launcher's own clean-up ends the wait (each 30 s or more; loose
+    # bounds below that, for a loaded machine).
     after = {rank: when - first.run.observed["at"] for rank, when in first.exit_times.items()}
-    assert after[0] < 5.0 and after[1] < 15.0, f"seconds from the second SIGTERM to each rank's exit: {after}"
+    assert after[0] < 10.0 and after[1] < 20.0, f"seconds from the second SIGTERM to each rank's exit: {after}"
     status = first.status
     assert (status["status"], status["exit_code"], status["reason"]) == ("killed", 143, "killed_by_second_signal")
     assert f"{tag}.metadata.json" not in first.ckpt
