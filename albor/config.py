@@ -7,6 +7,7 @@ before anything expensive is built (no model, no process group, no files).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -53,6 +54,7 @@ class PretrainConfig:
     resume: str | None = None  # "auto" (the newest resumable checkpoint, or a fresh start) or a checkpoint
     init_from: Path | None = None  # a .apr model file a new run starts from (fresh optimizer, step 0)
     preempt_grace_s: float = 120.0  # how long a preemption checkpoint may take before the job ends without it
+    tensorboard: bool = False  # also write each step's record to {output_dir}/tensorboard (the tensorboard extra)
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -146,6 +148,11 @@ def _problems(c: PretrainConfig) -> list[str]:
                 f"resume {c.resume} does not exist: pass --resume auto, or a checkpoint of {c.output_dir} "
                 "(its .metadata.json, .apr, DeepSpeed tag directory or tag)"
             )
+    if c.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        p.append(
+            "tensorboard is on but the tensorboard package is not installed: "
+            "pip install 'albor[tensorboard]', or drop --tensorboard"
+        )
     from albor.model.config import PRESETS  # a plain dataclass table: cheap, no torch
 
     if c.model not in PRESETS:
@@ -168,7 +175,11 @@ def _coerce(name: str, raw: Any, problems: list[str]) -> Any:
     try:
         if hint is Regime:
             return Regime(raw)
-        if hint is bool or isinstance(raw, bool):
+        if hint is bool:  # only a real boolean: YAML's true/false, a store_true flag
+            if not isinstance(raw, bool):
+                raise TypeError
+            return raw
+        if isinstance(raw, bool):
             raise TypeError
         if hint is int:
             if isinstance(raw, float) and not raw.is_integer():

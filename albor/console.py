@@ -9,6 +9,22 @@ from __future__ import annotations
 import logging
 import sys
 
+from tqdm import tqdm
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """A stream handler that writes through ``tqdm.write``: a log line lands above a live progress bar, not inside it.
+
+    Without a bar on the stream, ``tqdm.write`` is a plain write.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
 
 class RankFilter(logging.Filter):
     def __init__(self, rank: int) -> None:
@@ -25,7 +41,7 @@ def setup_logging(rank: int, world_size: int) -> logging.Logger:
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BarSafeHandler(sys.stderr)
     prefix = f"[albor r{rank}]" if world_size > 1 else "[albor]"
     handler.setFormatter(logging.Formatter(f"{prefix} %(message)s"))
     handler.addFilter(RankFilter(rank))

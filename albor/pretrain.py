@@ -12,20 +12,13 @@ import sys
 from pathlib import Path
 
 from albor.config import MODE_PRESETS, read_yaml, resolve_config
-from albor.errors import AlborError, ConfigError
+from albor.errors import AlborError, UsageErrorParser
 
 PROG = "albor pretrain"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and a ConfigError (exit 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = UsageErrorParser(
         prog=PROG,
         description="Pretrain an albor model under the training contract (C-TRAIN-PRETRAIN v1.5).",
         epilog="Flags override --config values, which override --mode presets. "
@@ -61,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--preempt-grace-s", type=float, metavar="S",
         help="seconds a preemption checkpoint may take before the job ends without it (default 120)",
     )
+    p.add_argument(
+        "--tensorboard", action="store_true", default=None,  # None: the config file decides
+        help="also write each step's record to OUTPUT_DIR/tensorboard (pip install 'albor[tensorboard]')",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate everything but the dataset's shards, print the resolved config, exit 0")
     # deepspeed's launcher appends --local_rank=N; the rank really comes from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -70,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_FIELDS = (
     "dataset", "tokenizer", "output_dir", "model", "ds_config", "total_steps", "steps_per_epoch",
     "batch_size", "seq_length", "seed", "lr_max", "lr_min", "warmup_steps", "resume", "init_from", "preempt_grace_s",
+    "tensorboard",
 )
 
 _invoked_argv: list[str] | None = None
@@ -88,7 +86,11 @@ def _normalized_argv(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     for name in ("config", "mode", *FLAG_FIELDS):
         value = getattr(args, name)
-        if value is not None:
+        if value is True:  # a switch: its name alone
+            out.append("--" + name.replace("_", "-"))
+        elif value is False:  # a switched-off --no-X flag (BooleanOptionalAction)
+            out.append("--no-" + name.replace("_", "-"))
+        elif value is not None:
             out += ["--" + name.replace("_", "-"), str(value)]
     return out
 
