@@ -1,0 +1,157 @@
+"""``albor export --hf OUT_DIR (RUN_DIR | FILE.apr)``: a trained model as a Hugging Face model directory.
+
+Everything is checked before anything is written: the flags, OUT_DIR, the
+epoch, the tokenizer, then the model file whole (albor.export.model_file).
+The directory is then built beside OUT_DIR and renamed into place
+(albor.data.staging.build_into): a failed export leaves nothing behind, and
+an OUT_DIR replaced with ``--force`` stays as it was until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from albor.data.staging import build_into, make_dirs, remove_dirs
+from albor.data.tokenizer import Tokenizer, load_tokenizer
+from albor.errors import AlborError, ConfigError, DataError, UsageErrorParser
+from albor.export.hf_files import write_hf_model
+from albor.export.model_file import ModelFile, choose_epoch, load_model_file
+from albor.export.run_tokenizer import check_tokenizer_fits, run_tokenizer
+
+PROG = "albor export"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = UsageErrorParser(
+        prog=PROG,
+        description="Export a trained albor model for other tools. --hf writes a Hugging Face LlamaForCausalLM "
+        "directory (config.json, model.safetensors, generation_config.json and the tokenizer files) that "
+        "transformers' AutoModelForCausalLM and AutoTokenizer load offline.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 usage (a flag or path, an epoch the run does not have, "
+        "a non-empty OUT_DIR without --force, a tokenizer that cannot be found), 3 data (a damaged or foreign "
+        ".apr, a tokenizer that is not the run's, a failed write).",
+    )
+    p.add_argument(
+        "source", type=Path, metavar="RUN_DIR|FILE.apr",
+        help="a run directory (its best epoch: the lowest val_loss) or a model file",
+    )
+    p.add_argument("--hf", type=Path, metavar="OUT_DIR", required=True, help="the directory to write")
+    p.add_argument("--epoch", type=int, metavar="N", help="export epoch N of RUN_DIR instead of the best one")
+    p.add_argument(
+        "--tokenizer", type=Path, metavar="DIR",
+        help="directory with vocab.json + merges.txt; needed with FILE.apr, found from the run's dataset otherwise",
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR (once the new export is complete)")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What an export wrote, and from what."""
+
+    out: Path
+    source: Path
+    model: ModelFile
+    tokenizer: Tokenizer
+
+    def describe(self) -> str:
+        m = self.model
+        origin = f"epoch {m.epoch} of run {self.source}" if self.source.is_dir() else str(m.path)
+        if m.val_loss is not None:
+            origin += f", val_loss {m.val_loss:.4f}"
+        return (
+            f"{self.out} ({origin}; {m.num_parameters() / 1e6:.2f}M parameters, {m.dtype_name}, "
+            f"vocab {m.config.vocab_size}; tokenizer {self.tokenizer.directory})"
+        )
+
+
+def export_hf(
+    source: Path, out: Path, *, epoch: int | None = None, tokenizer_dir: Path | None = None, force: bool = False
+) -> Exported:
+    """Check everything, then write the Hugging Face directory ``out`` all at once; AlborError naming the fix."""
+    source, out = Path(source), Path(out)
+    _check_source(source, epoch, tokenizer_dir)
+    _check_out(out, force)
+    # Cheap checks first: the tokenizer before reading (and checking) every byte of the model file.
+    if source.is_dir():
+        chosen = choose_epoch(source, epoch)
+        tokenizer = run_tokenizer(source, chosen.metadata, tokenizer_dir)
+        apr_path, val_loss = chosen.apr_path, chosen.metadata.get("val_loss")
+    else:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        apr_path, val_loss = source, None
+    _check_not_inside(out, [source, tokenizer.directory])
+    model = load_model_file(apr_path, val_loss=val_loss)
+    check_tokenizer_fits(tokenizer, model.config)
+    _publish(out, lambda staging: write_hf_model(staging, model, tokenizer))
+    return Exported(out, source, model, tokenizer)
+
+
+def _check_source(source: Path, epoch: int | None, tokenizer_dir: Path | None) -> None:
+    if not source.exists():
+        raise ConfigError(f"{source} does not exist; pass a run directory (--output-dir of albor pretrain) or a .apr file")
+    if source.is_dir():
+        return
+    if epoch is not None:
+        raise ConfigError(f"--epoch picks an epoch of a run directory; {source} is a model file: drop --epoch")
+    if tokenizer_dir is None:
+        raise ConfigError(
+            f"{source} is a bare model file, which carries no tokenizer; pass --tokenizer DIR (the vocab.json + "
+            "merges.txt it was trained with: the tokenizer/ of the run's dataset), or export the run directory"
+        )
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an OUT_DIR that cannot be written, or would be overwritten without --force."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--hf {out} is a file; choose a new or empty directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--hf {out} is not empty; choose a new or empty directory, or pass --force to replace it")
+    ancestor = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"--hf {out} cannot be created in {ancestor}; choose a directory you can write")
+
+
+def _check_not_inside(out: Path, inputs: list[Path]) -> None:
+    """Replacing OUT_DIR must never delete what the export reads (a run, its dataset's tokenizer)."""
+    for path in inputs:
+        if out.exists() and path.resolve().is_relative_to(out.resolve()):
+            raise ConfigError(f"{path} lies inside --hf {out}, which the export replaces; choose another --hf")
+
+
+def _publish(out: Path, build: Callable[[Path], object]) -> None:
+    """Build the directory beside ``out`` and rename it into place; on failure nothing of it is left."""
+    created = make_dirs(out.parent)
+    try:
+        build_into(out, build)
+    except BaseException:
+        remove_dirs(created)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the process exit code."""
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        done = export_hf(args.source, args.hf, epoch=args.epoch, tokenizer_dir=args.tokenizer, force=args.force)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except AlborError as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return int(e.exit_code)
+    except OSError as e:  # a full or failing disk while writing: nothing was left behind
+        where = e.filename if e.filename is not None else "the output directory"
+        print(f"{PROG}: error: {where}: {e.strerror or e}; check the path, its permissions and free disk space",
+              file=sys.stderr)
+        return int(DataError.exit_code)
+    print(f"{PROG}: wrote {done.describe()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
