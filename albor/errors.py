@@ -7,11 +7,12 @@ of the training contract have their own codes in :mod:`albor.contract`.
 
 from __future__ import annotations
 
+import argparse
 import enum
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes of every albor command (documented in README)."""
+    """Process exit codes of every albor command (documented in README and docs/exit-codes.md)."""
 
     OK = 0
     INTERNAL_ERROR = 1  # an unexpected exception: a bug in albor, please report it
@@ -27,6 +28,9 @@ class ExitCode(enum.IntEnum):
     RANK_FAILURE = 14  # an exception on some rank, or a lost peer
     PREEMPTED = 15  # a stop signal reached a rank: every rank saved a checkpoint at the same step; resumable
     PREEMPTION_SAVE_FAILED = 16  # stopped by a signal, but the preemption checkpoint failed or ran out of time
+    # Never a rank's own exit code: what `albor status` (or the next --resume) records for a job whose
+    # status.json still said "running" when none of its ranks was alive (killed outright: SIGKILL, OOM killer).
+    RANKS_LOST = 17
 
 
 class AlborError(Exception):
@@ -51,3 +55,10 @@ class DataError(AlborError):
     """Dataset or tokenizer that cannot be used as given."""
 
     exit_code = ExitCode.DATA
+
+
+class UsageErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and a ConfigError (exit 2), as every albor command reports one."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message} (see --help)")

@@ -1,9 +1,11 @@
-"""What a run leaves on disk: config, metrics.jsonl, status.json, and each rank's exit record.
+"""What a run leaves on disk: config, metrics.jsonl, status.json, and each rank's start and exit records.
 
 Only rank 0 writes the run's files. Other ranks get the same object with
 ``enabled=False``, so the training loop never branches on the rank around its
-I/O. The one exception is the exit record (:func:`write_exit_record`): every
-rank writes its own, since only a rank knows how it ended.
+I/O. The exceptions are the rank records: every rank writes its own start
+record (:func:`write_start_record`: which process it is, so ``albor status``
+can tell whether it still runs) and exit record (:func:`write_exit_record`:
+since only a rank knows how it ended).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ from albor.atomic_files import write_json_atomic, write_text_atomic
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
 RANKS_DIR = "ranks"
+#: How long rank 0 waits for a lost peer's exit record to appear (a shared file system may show it late).
+PEER_RECORD_WAIT_S = 2.0
 
 
 class RunFiles:
@@ -58,19 +64,82 @@ def exit_record_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / RANKS_DIR / f"rank-{rank}.exit.json"
 
 
+def start_record_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / RANKS_DIR / f"rank-{rank}.start.json"
+
+
 def clear_exit_records(run_dir: Path) -> int:
-    """Remove the exit records an earlier attempt in ``run_dir`` left (a resumed run writes its own); how many."""
-    records = sorted((Path(run_dir) / RANKS_DIR).glob("rank-*.exit.json"))
+    """Remove the rank records (exit and start) an earlier attempt in ``run_dir`` left; how many.
+
+    A resumed run's ranks (perhaps fewer) write their own; a stale start record
+    would make ``albor status`` probe a process of the earlier attempt.
+    """
+    ranks = Path(run_dir) / RANKS_DIR
+    records = sorted([*ranks.glob("rank-*.exit.json"), *ranks.glob("rank-*.start.json")])
     for path in records:
         path.unlink()
     return len(records)
 
 
-def write_exit_record(run_dir: Path, rank: int, exit_code: int) -> None:
+def write_exit_record(run_dir: Path, rank: int, exit_code: int, *, error: Mapping[str, Any] | None = None) -> None:
     """``ranks/rank-R.exit.json``: how this rank ended, written by the rank itself just before it exits.
 
     The launcher reports one code for the job (the first failed rank it polls);
     these records say what each rank did, which status.json alone cannot after a
-    rank was killed outright.
+    rank was killed outright. ``error`` (``rank_failure.error_record``) is the
+    exception that ended the rank: rank 0 reads it to name a lost peer's error.
     """
-    write_json_atomic(exit_record_path(run_dir, rank), {"rank": rank, "exit_code": exit_code, "pid": os.getpid(), "host": socket.gethostname()})
+    record: dict[str, Any] = {"rank": rank, "exit_code": exit_code, "pid": os.getpid(), "host": socket.gethostname()}
+    if error is not None:
+        record["error"] = dict(error)
+    write_json_atomic(exit_record_path(run_dir, rank), record)
+
+
+def write_start_record(run_dir: Path, rank: int, world_size: int) -> None:
+    """``ranks/rank-R.start.json``: which process this rank is, written by the rank once the run's files exist.
+
+    pid and host alone could name a later, unrelated process once the pid is
+    reused; the process's create time (psutil) pins it down.
+    """
+    import psutil
+
+    write_json_atomic(start_record_path(run_dir, rank), {
+        "rank": rank, "world_size": world_size, "pid": os.getpid(), "host": socket.gethostname(),
+        "create_time": psutil.Process().create_time(),
+    })
+
+
+def read_rank_records(run_dir: Path, kind: str) -> dict[int, dict[str, Any]]:
+    """{rank: record} of every readable ``ranks/rank-R.{kind}.json`` (kind "exit" or "start").
+
+    A record that cannot be read, or names another rank than its file, is skipped:
+    it says nothing this rank can trust.
+    """
+    records: dict[int, dict[str, Any]] = {}
+    for path in (Path(run_dir) / RANKS_DIR).glob(f"rank-*.{kind}.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("rank"), int) \
+                and path.name == f"rank-{record['rank']}.{kind}.json":
+            records[record["rank"]] = record
+    return records
+
+
+def wait_for_peer_records(
+    run_dir: Path, own_rank: int, *, until: Callable[[dict[int, dict[str, Any]]], bool],
+    timeout_s: float = PEER_RECORD_WAIT_S, poll_s: float = 0.05,
+    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+) -> dict[int, dict[str, Any]]:
+    """The other ranks' exit records, as soon as ``until(records)`` holds, or whatever is there after ``timeout_s``.
+
+    Bounded: a peer killed outright never writes one, and the caller is a rank
+    on its way out.
+    """
+    deadline = clock() + timeout_s
+    while True:
+        peers = {r: rec for r, rec in read_rank_records(run_dir, "exit").items() if r != own_rank}
+        if until(peers) or clock() >= deadline:
+            return peers
+        sleep(poll_s)

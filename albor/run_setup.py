@@ -102,7 +102,7 @@ class RunParts:
                 "model": config.model,
                 "dataset_fingerprint": self.data.dataset.fingerprint,
                 "run": run_fields(
-                    config, global_batch=config.batch_size * self.step_fn.grad_accumulation * env.world_size,
+                    config, global_batch=config.batch_size * self.engine.gradient_accumulation_steps() * env.world_size,
                     dataset_fingerprint=self.data.dataset.fingerprint,
                 ),
             },

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from albor.config import PretrainConfig
-from albor.console import format_step, setup_logging
+from albor.console import setup_logging
 from albor.contract import AbortReason, ContractAbort
 from albor.distributed.ds_config import uses_bf16
 from albor.distributed.process_group import DistEnv, init_distributed, shutdown
@@ -24,11 +24,14 @@ from albor.errors import AlborError, ExitCode
 from albor.loop import PretrainLoop, RunResult, RunStatus
 from albor.model import num_parameters
 from albor.preflight import preflight
+from albor.progress import StepOutput
 from albor.continuation import choose_checkpoint, prepare_run_dir, restore_run
 from albor.init_from import read_model_file
 from albor.distributed.resume import needs_universal
+from albor.rank_failure import crash_summary, error_record, is_cause
+from albor.reconcile import reconcile_before_resume
 from albor.resume_plan import launcher_command, resume_command, run_fields
-from albor.run_files import STATUS_FILE, RunFiles, write_exit_record
+from albor.run_files import STATUS_FILE, RunFiles, wait_for_peer_records, write_exit_record, write_start_record
 from albor.run_setup import build_run, open_data
 from albor.stop_signal import StopSignals, watch_launcher
 
@@ -40,8 +43,10 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
 
     ``argv`` is the command line it was started with: status.json turns it into the resume command.
 
-    Once the run has started, each rank also leaves its own exit record
-    (``ranks/rank-R.exit.json``) with the code it returns.
+    Once the run has started, each rank also leaves its own start record
+    (``ranks/rank-R.start.json``, for ``albor status``) and exit record
+    (``ranks/rank-R.exit.json``) with the code it returns and, after an
+    exception, the error.
     """
     checked = preflight(config)
     faults, ds, ds_path = checked.faults, checked.ds_config, checked.ds_config_path
@@ -51,6 +56,7 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     files: RunFiles | None = None
     loop: PretrainLoop | None = None
+    step_output: StepOutput | None = None
 
     def end_now(code: int, *, status: str, reason: str, message: str) -> None:
         """Record how this rank ends before it exits outside the loop (the caller then calls os._exit)."""
@@ -82,6 +88,7 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
             "FAULT DRILL ACTIVE: %s on rank %d at %s %d (ALBOR_FAULT)", faults.kind, faults.rank, faults.unit, faults.when
         )
     code = ExitCode.INTERNAL_ERROR
+    failure: dict | None = None  # the exception that ended this rank, for its exit record
     try:
         data = open_data(config, env)
         accumulation = ds["gradient_accumulation_steps"]
@@ -94,6 +101,8 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
                 error = e
             env.raise_together(error, "reading --init-from")
         if config.resume is not None:
+            if env.is_main:  # an attempt killed outright left "running": give it its final status first
+                reconcile_before_resume(config.output_dir, log)
             identity = run_fields(config, global_batch=config.batch_size * accumulation * env.world_size,
                                   dataset_fingerprint=data.dataset.fingerprint)
             point = choose_checkpoint(config, env, identity, gradient_accumulation=accumulation)
@@ -101,6 +110,7 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
                 ds = {**ds, "checkpoint": {"load_universal": True}}  # resharded through DeepSpeed's universal format
             prepare_run_dir(config, env, point)
         files = RunFiles(config.output_dir, enabled=env.is_main)
+        write_start_record(config.output_dir, env.rank, env.world_size)  # every rank: albor status checks it is alive
         files.write_text("config.yaml", config.to_yaml())
         files.write_json("ds_config.json", ds)
         status_extra: dict = {
@@ -127,15 +137,19 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
             "NVML" if parts.gpu.available else f"unavailable, recorded as 0 ({parts.gpu.reason})",
             "peak from the device table" if parts.peak_flops else "unavailable on this device (null)",
         )
-        log_every = max(1, min(50, config.steps_per_epoch // 4))
+        step_output = StepOutput.for_run(
+            rank=env.rank, writes_files=env.is_main, run_dir=config.output_dir, total_steps=config.total_steps,
+            log_every=max(1, min(50, config.steps_per_epoch // 4)), tensorboard=config.tensorboard,
+        )
         loop = parts.loop(
-            config, env, files, on_step=lambda r: log.info(format_step(r)) if r["step"] % log_every == 0 else None,
+            config, env, files, on_step=step_output,
             status_extra=status_extra, preemption_guard=lambda: _deadline(config.preempt_grace_s, save_too_slow),
         )
         if point is not None:
             loop.status_extra["resumed_from"] = restore_run(parts, loop, env, point)
             files.write_json(STATUS_FILE, {"status": "running", "world_size": env.world_size, **loop.status_extra})
         result = loop.run()
+        step_output.close()  # the bar ends before the verdict is printed under it
         stop.settle()
         _report(result, config)
         files.close()
@@ -152,23 +166,35 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
         # A bug here, or a peer that died inside a collective. No collectives from here on.
         stop.settle()  # the launcher's clean-up SIGTERM must not pre-empt this rank's own exit code
         log.error("rank %d: %s\n%s", env.rank, e, traceback.format_exc())
-        code = ExitCode.RANK_FAILURE if env.world_size > 1 else ExitCode.INTERNAL_ERROR
-        if files is not None:
-            files.write_json(STATUS_FILE, _crash_status(e, env, loop, config, code))
+        failure = error_record(e)
+        # Running out of memory is not a bug in albor, even with one rank.
+        code = ExitCode.RANK_FAILURE if env.world_size > 1 or failure.get("advice") else ExitCode.INTERNAL_ERROR
+        if files is not None and env.is_main:  # only rank 0 writes it: no other rank waits for peers' records
+            files.write_json(STATUS_FILE, _crash_status(failure, env, loop, config, code))
         return code
     finally:
         if files is not None:  # the run started: its directory holds this rank's record
-            write_exit_record(config.output_dir, env.rank, int(code))
+            # Before the process exits: its exit is what fails its peers' collectives, so rank 0 finds it.
+            write_exit_record(config.output_dir, env.rank, int(code), error=failure)
+        if step_output is not None:  # a run that raised: end the bar, flush TensorBoard
+            step_output.close()
 
 
-def _crash_status(e: Exception, env: DistEnv, loop: PretrainLoop | None, config: PretrainConfig, code: ExitCode) -> dict:
-    """status.json for an exception that escaped the loop, on rank 0."""
-    text = str(e)
-    # gloo's words for a dead peer ("closed"/"reset by peer", "Broken pipe") and a collective's timeout.
-    if any(words in text.lower() for words in ("closed by peer", "reset by peer", "broken pipe", "timed out")):
-        # rank 0 only saw the symptom; the dead rank is not known here
-        return _ended_status(f"lost a peer rank during a collective ({type(e).__name__}: {text})", env, loop, config, code)
-    return _ended_status(f"{type(e).__name__} on rank {env.rank}: {text}", env, loop, config, code, ranks=(env.rank,))
+def _crash_status(error: dict, env: DistEnv, loop: PretrainLoop | None, config: PretrainConfig, code: ExitCode) -> dict:
+    """status.json for an exception that escaped the loop (``error``: its ``error_record``), on rank 0.
+
+    A lost peer (gloo's or NCCL's words, ``rank_failure.classify_lost_peer``) is only the symptom. A peer
+    that raised (in its backward, say) wrote its error into its exit record before it exited; a peer
+    killed outright wrote none, so the wait is bounded (``run_files.PEER_RECORD_WAIT_S``).
+    """
+    peers = {}
+    if error.get("lost_peer"):
+        peers = wait_for_peer_records(config.output_dir, env.rank, until=lambda found: any(map(is_cause, found.values())))
+    summary = crash_summary(env.rank, error, peers)
+    status = _ended_status(summary.message, env, loop, config, code, ranks=summary.ranks)
+    if summary.advice:
+        status["abort"]["advice"] = summary.advice
+    return status
 
 
 @contextlib.contextmanager

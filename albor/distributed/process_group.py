@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,23 @@ from albor.errors import AlborError, ConfigError, DataError, ExitCode
 STARTUP_TIMEOUT_S = float(os.environ.get("ALBOR_STARTUP_TIMEOUT_S", 900))
 #: After the first step a lost peer should end the job quickly (torchtitan does the same).
 STEP_TIMEOUT_S = float(os.environ.get("ALBOR_STEP_TIMEOUT_S", 120))
+#: torch's NCCL error handling, set before the first NCCL group is made (torch 2.13's ProcessGroupNCCL
+#: reads them in its constructor, for every group, DeepSpeed's included).
+#:
+#: TORCH_NCCL_BLOCKING_WAIT=1: ``work.wait()`` blocks the calling thread until the collective completes,
+#: fails (a remote peer's exit, ncclRemoteError) or passes its timeout (the step timeout, below), and then
+#: raises DistBackendError *in that thread*. No watchdog thread is started, and torch's default watchdog
+#: handling (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, "SkipCleanUp") is what would otherwise end the process with
+#: SIGABRT, without status.json or an exit record. With blocking wait, a lost or hung peer ends this rank
+#: through ``train.train``'s except path like gloo's "closed by peer" does: exit record, status, 14.
+#: The cost: the host waits at each synchronous collective (ZeRO's bucket reduces; the step's all-reduce,
+#: which ``.tolist()`` waits for anyway) instead of queueing work ahead.
+#:
+#: TORCH_NCCL_ASYNC_ERROR_HANDLING is left to torch. Its only mode that does not end the process (2,
+#: "CleanUpOnly") aborts the communicator under a main thread that may be reading the collective's
+#: output: the step's fused all-reduce would return partial numbers, and one wrong metrics row could be
+#: written before the next collective raised. Not verified on a GPU (docs/exit-codes.md, "Lost peers on NCCL").
+NCCL_ERROR_HANDLING = {"TORCH_NCCL_BLOCKING_WAIT": "1"}
 
 
 def launched_world_size() -> int:
@@ -98,6 +115,14 @@ class DistEnv:
             self.set_timeout(STEP_TIMEOUT_S)
 
 
+def set_nccl_error_handling(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Set :data:`NCCL_ERROR_HANDLING` where the user has not (torch's older ``NCCL_*`` spelling counts); what now holds."""
+    for name, value in NCCL_ERROR_HANDLING.items():
+        if name.removeprefix("TORCH_") not in environ:  # torch reads TORCH_NCCL_X, then NCCL_X
+            environ.setdefault(name, value)
+    return {name: environ.get(name, environ.get(name.removeprefix("TORCH_"), "")) for name in NCCL_ERROR_HANDLING}
+
+
 def init_distributed() -> DistEnv:
     """Join (or, without a launcher, create) the process group; pick this rank's device."""
     import deepspeed
@@ -105,6 +130,8 @@ def init_distributed() -> DistEnv:
     timeout = datetime.timedelta(seconds=STARTUP_TIMEOUT_S)
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
+    if cuda:
+        set_nccl_error_handling()  # before any NCCL group exists
     if "RANK" not in os.environ:  # dev mode: one rank, no launcher, no port to pick
         os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed asserts on it
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

@@ -110,8 +110,10 @@ class DeepSpeedStep:
         inputs = inputs.to(self.env.device, non_blocking=True)
         targets = targets.to(self.env.device, non_blocking=True)
         loss = token_loss(self.engine(inputs), targets)
-        if micro == 0 and self.faults is not None and self.faults.poisons_loss(self.env.rank, step):
-            loss = loss * float("nan")
+        if micro == 0 and self.faults is not None:
+            if self.faults.poisons_loss(self.env.rank, step):
+                loss = loss * float("nan")
+            loss = self.faults.wrap_loss(self.env.rank, step, loss)  # a backward drill raises in engine.backward
         return loss, targets.numel()
 
     def _zero_loss(self) -> torch.Tensor:
@@ -141,6 +143,10 @@ class DeepSpeedStep:
                 except Exception:  # caught outside any collective: reported through the flags
                     failed = True
                     log.error("rank %d: exception at step %d:\n%s", self.env.rank, step, traceback.format_exc())
+            # Not guarded: an exception here (on a GPU, most likely out of memory) cannot join the
+            # fused all-reduce, because the peers are already inside ZeRO's gradient collectives. It
+            # ends this rank (train.train records the error in its exit record first), and the peers
+            # end with 14 when their collective loses it (docs/exit-codes.md, "A rank that fails in its backward").
             self.engine.backward(loss if loss is not None else self._zero_loss())
             self.engine.step()
 
