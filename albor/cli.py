@@ -1,14 +1,22 @@
-"""The ``albor`` console script: ``albor pretrain …`` and ``albor prepare-data …``."""
+"""The ``albor`` console script: one word per command, each command's own parser behind it."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-USAGE = """usage: albor {pretrain,prepare-data} ...
+#: command -> (module whose ``main(argv) -> int`` runs it, what it does)
+COMMANDS = {
+    "pretrain": ("albor.pretrain", "train a model under the contract (same as python -m albor.pretrain)"),
+    "prepare-data": ("albor.data.prepare", "tokenize a corpus, or the built-in python-stdlib corpus, into shards"),
+    "report": ("albor.report", "draw a run's report.png and print its summary"),
+    "export": ("albor.export_hf", "write a run's model as a Hugging Face transformers directory"),
+    "status": ("albor.status_cmd", "print a run's status; finalise it if its ranks are gone"),
+}
 
-  pretrain      train a model under the contract (same as python -m albor.pretrain)
-  prepare-data  tokenize a corpus, or the built-in python-stdlib corpus, into shards
-"""
+USAGE = f"usage: albor {{{','.join(COMMANDS)}}} ...\n\n" + "".join(
+    f"  {name:<13} {what}\n" for name, (_, what) in COMMANDS.items()
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,14 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "pretrain":
-        from albor.pretrain import main as run
-    elif command == "prepare-data":
-        from albor.data.prepare import main as run
-    else:
-        print(f"albor: error: unknown command {command!r}: use pretrain or prepare-data", file=sys.stderr)
+    if command not in COMMANDS:
+        print(f"albor: error: unknown command {command!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return run(rest)
+    # Imported on demand: `albor report` must not pay for torch and DeepSpeed.
+    return importlib.import_module(COMMANDS[command][0]).main(rest)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,17 @@ deepspeed --quiet --num_gpus "$RANKS" --module albor.pretrain \
 code=$?
 set -e
 echo
+if [ "$code" -eq 0 ] || [ "$code" -eq 4 ]; then  # a finished run: look at it, take the model along
+  albor report "$RUN"
+  albor export --hf "$RUN-hf" "$RUN"
+  echo
+fi
 echo "exit code $code (see README: 0 = target met)"
 echo "metrics:     $RUN/metrics.jsonl"
 echo "checkpoints: $RUN/ckpt/ (epoch-NNN.apr + epoch-NNN.metadata.json)"
 echo "status:      $RUN/status.json"
+if [ "$code" -eq 0 ] || [ "$code" -eq 4 ]; then
+  echo "report:      $RUN/report.png"
+  echo "transformers: AutoModelForCausalLM.from_pretrained('$RUN-hf')"
+fi
 exit "$code"

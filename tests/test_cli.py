@@ -258,3 +258,24 @@ def test_dry_run_names_the_deepspeed_config_it_would_use(capsys, data):
     assert cfg["ds_config"] is None
     code, out, _ = run(capsys, "--dataset", str(data), "--dry-run")
     assert "# DeepSpeed config: " in out and "zero2-cpu-fp32.json" in out
+
+
+@pytest.mark.parametrize("command", ["pretrain", "prepare-data", "report", "export", "status"])
+def test_each_albor_command_reaches_its_own_parser(command, capsys):
+    from albor.cli import main as albor_main
+
+    try:  # argparse's --help exits; some commands turn that into their return value
+        code = albor_main([command, "--help"])
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None)
+    assert f"albor {command}" in capsys.readouterr().out
+
+
+def test_an_unknown_albor_command_names_every_command(capsys):
+    from albor.cli import main as albor_main
+
+    assert albor_main(["reprot"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'reprot'" in err
+    assert all(name in err for name in ("pretrain", "prepare-data", "report", "export", "status"))

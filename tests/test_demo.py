@@ -64,3 +64,13 @@ def test_demo_ends_with_exit_0(tmp_path, child_environment):
         record = json.loads(path.read_text())
         records[record["rank"]] = record["exit_code"]
     assert records == {0: 0, 1: 0}  # 2 CPU ranks, each ended with 0
+    # README's promise: a report to look at, and a directory transformers loads (tests/test_export_hf.py
+    # checks an export's numbers; here, that the demo made one).
+    assert (run / "report.png").read_bytes().startswith(b"\x89PNG"), tail
+    hf = Path(f"{run}-hf")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in hf.iterdir()}, tail
+    from transformers import AutoModelForCausalLM
+
+    from albor.data.loader import index_vocab_size
+
+    assert AutoModelForCausalLM.from_pretrained(hf).config.vocab_size == index_vocab_size(data / "index.json")

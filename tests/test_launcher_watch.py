@@ -25,7 +25,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-import albor.stop_signal as stop_signal
 from albor import stop_signal
 from albor.stop_signal import (
     LAUNCH_MODULE, StopSignals, _watch_runner, is_launch_command, is_runner_command, watch_launcher,
