@@ -42,14 +42,23 @@ signal_ranks() {
   kill "-$sig" "$runner" 2>/dev/null || true
 }
 
+# A stop that arrives before the runner exists is held until it does (then it stops the launch).
+on_stop() {
+  if [ -n "$runner" ]; then signal_ranks "$1"; else stop_before_start=$1; fi
+}
+
 train() {
   local -a launcher_args=()
   read -r -a launcher_args <<<"${ALBOR_DEEPSPEED_ARGS:-}"
+  runner="" stop_before_start=""
+  # The traps first: a signal between starting the runner and setting them would end this script
+  # and leave the job running.
+  trap 'on_stop TERM' TERM INT
+  trap 'on_stop USR1' USR1
   # In the background: a trap runs only while bash waits in `wait`, not during a foreground command.
   deepspeed "${launcher_args[@]}" --module albor.pretrain "$@" &
   runner=$!
-  trap 'signal_ranks TERM' TERM INT
-  trap 'signal_ranks USR1' USR1
+  if [ -n "$stop_before_start" ]; then signal_ranks "$stop_before_start"; fi
   local code
   while :; do
     # A trapped signal returns from `wait` early (status > 128) while the runner goes on: wait again.

@@ -224,8 +224,7 @@ def test_a_stop_before_any_rank_stops_the_launch(image, spawn):
     log, env = image
     fake_tool(Path(env["FAKE_BIN"]), "deepspeed", 'echo $$ > "$FAKE_LOG/runner.pid"\nwhile :; do sleep 0.05; done')
     proc = spawn(["bash", str(ENTRYPOINT), "--dataset", "data/x"], env)
-    wait_for(log / "runner.pid")
-    time.sleep(0.1)  # the entrypoint's traps are set right after it starts the runner
+    wait_for(log / "runner.pid")  # the entrypoint set its traps before it started the runner
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 128 + signal.SIGTERM
     runner = Path("/proc") / (log / "runner.pid").read_text().strip()
