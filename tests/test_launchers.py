@@ -67,6 +67,12 @@ def last_env(log: Path, name: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in (log / f"{name}.env").read_text().splitlines() if "=" in line)
 
 
+def _default_signals() -> None:
+    """SIGINT as a container's PID 1 child gets it: a test run started in the background (``cmd &`` from a
+    script, as a CI job may be) inherits SIGINT ignored, and bash cannot trap a signal ignored at entry."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def spawner():
     """A function that starts a script in a session of its own; on leaving, whatever of it is left is
@@ -75,7 +81,7 @@ def spawner():
 
     def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
         proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True, preexec_fn=_default_signals)
         started.append(proc)
         return proc
 
