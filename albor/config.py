@@ -55,6 +55,8 @@ class PretrainConfig:
     init_from: Path | None = None  # a .apr model file a new run starts from (fresh optimizer, step 0)
     preempt_grace_s: float = 120.0  # how long a preemption checkpoint may take before the job ends without it
     tensorboard: bool = False  # also write each step's record to {output_dir}/tensorboard (the tensorboard extra)
+    deterministic: bool = True  # deterministic kernels (gate 006); off lets torch pick faster, unordered ones
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the head + cross-entropy (albor.loss); 0 = the whole batch at once
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -105,6 +107,8 @@ def _problems(c: PretrainConfig) -> list[str]:
         non_negative(name)
     if c.steps_per_epoch <= 0:
         p.append(f"steps_per_epoch must be >= 1 (got {c.steps_per_epoch})")
+    if isinstance(c.loss_chunk_tokens, bool) or not isinstance(c.loss_chunk_tokens, int) or c.loss_chunk_tokens < 0:
+        p.append(f"loss_chunk_tokens must be an integer >= 0, 0 for no chunking (got {c.loss_chunk_tokens!r})")
     if c.warmup_steps > c.total_steps:
         p.append(f"warmup_steps ({c.warmup_steps}) > total_steps ({c.total_steps}): lower --warmup-steps or raise --total-steps")
     if c.lr_min > c.lr_max:

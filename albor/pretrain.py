@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensorboard", action="store_true", default=None,  # None: the config file decides
         help="also write each step's record to OUTPUT_DIR/tensorboard (pip install 'albor[tensorboard]')",
     )
+    p.add_argument(
+        "--deterministic", action=argparse.BooleanOptionalAction, default=None,  # None: the config file decides
+        help="deterministic kernels, so a rerun with the same seed repeats every step's loss and grad norm "
+        "(default on; --no-deterministic trades that for speed)",
+    )
+    p.add_argument(
+        "--loss-chunk-tokens", type=int, metavar="N",
+        help="tokens per chunk of the output head + cross-entropy; 0 computes the whole batch's logits at once (default 4096)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate everything but the dataset's shards, print the resolved config, exit 0")
     # deepspeed's launcher appends --local_rank=N; the rank really comes from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -67,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_FIELDS = (
     "dataset", "tokenizer", "output_dir", "model", "ds_config", "total_steps", "steps_per_epoch",
     "batch_size", "seq_length", "seed", "lr_max", "lr_min", "warmup_steps", "resume", "init_from", "preempt_grace_s",
-    "tensorboard",
+    "tensorboard", "deterministic", "loss_chunk_tokens",
 )
 
 _invoked_argv: list[str] | None = None

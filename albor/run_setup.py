@@ -16,6 +16,7 @@ import torch
 from albor.config import PretrainConfig
 from albor.data.loader import TokenDataset, TrainLoader, ValidationLoader, index_vocab_size
 from albor.data.resolve import resolve_dataset
+from albor.determinism import apply_determinism
 from albor.distributed.checkpoint import Checkpointer
 from albor.distributed.engine import build_engine
 from albor.distributed.process_group import DistEnv
@@ -101,12 +102,14 @@ class RunParts:
                 "world_size": env.world_size,
                 "model": config.model,
                 "dataset_fingerprint": self.data.dataset.fingerprint,
+                "deterministic": config.deterministic,
+                "loss_chunk_tokens": config.loss_chunk_tokens,
                 "run": run_fields(
                     config, global_batch=config.batch_size * self.engine.gradient_accumulation_steps() * env.world_size,
                     dataset_fingerprint=self.data.dataset.fingerprint,
                 ),
             },
-            status_extra=status_extra,
+            status_extra={**(status_extra or {}), "deterministic": config.deterministic},
             **({"preemption_guard": preemption_guard} if preemption_guard is not None else {}),
             flops_per_token=flops_per_token(model_cfg, config.seq_length),
             peak_flops=self.peak_flops * env.world_size if self.peak_flops else None,
@@ -132,6 +135,9 @@ def build_run(
     stop: StopSignals | None = None,
 ) -> RunParts:
     """Model (from ``init_weights``, an ``--init-from`` file, when given), engine, step, validation, checkpoint writer."""
+    # Before the model's first kernel: cuBLAS reads its workspace setting when it creates its handle.
+    determinism = apply_determinism(config.deterministic, env.device.type)
+    log.info("albor: determinism %s", determinism)
     torch.manual_seed(config.seed)  # identical init on every rank and in every rerun (gate 006)
     model = AlborLlama(data.model_cfg)
     engine = build_engine(model, ds_config, env, lr=config.lr_max, weight_decay=config.weight_decay)
@@ -141,13 +147,13 @@ def build_run(
     gpu = GpuUtilization(uuid)
     step_fn = DeepSpeedStep(
         engine, data.train_loader, env, grad_accumulation=ds_config["gradient_accumulation_steps"], gpu=gpu,
-        faults=faults, stop=stop,
+        faults=faults, stop=stop, loss_chunk_tokens=config.loss_chunk_tokens,
     )
     return RunParts(
         engine=engine,
         data=data,
         step_fn=step_fn,
-        val_fn=DeepSpeedValidation(engine, data.val_loader, env, faults=faults),
+        val_fn=DeepSpeedValidation(engine, data.val_loader, env, faults=faults, loss_chunk_tokens=config.loss_chunk_tokens),
         checkpoint=Checkpointer(engine, env, data.model_cfg, data.train_loader, config.output_dir, seed=config.seed),
         gpu=gpu,
         device_name=device_name,

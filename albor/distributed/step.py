@@ -16,7 +16,6 @@ import math
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 from albor.data.loader import TrainLoader
 from albor.distributed.engine import set_lr
@@ -24,6 +23,7 @@ from albor.distributed.optimizer_sha import optimizer_state_sha
 from albor.distributed.process_group import STEP_TIMEOUT_S, DistEnv
 from albor.faults import FaultPlan
 from albor.loop import StepResult
+from albor.loss import chunked_token_loss, token_loss
 from albor.stop_signal import StopSignals
 from albor.telemetry import GpuUtilization
 
@@ -39,10 +39,19 @@ FLAG_PRIORITY = (LOCAL_ERROR, LOSS_NONFINITE, NORM_INVALID, STEP_SKIPPED)
 STOP_REQUESTED = 16
 
 
-def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the batch's tokens, computed in float32."""
-    # logits (B, T, V), targets (B, T)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+def batch_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """The model's mean token loss on one batch; training and validation both compute it here.
+
+    ``chunk_tokens`` > 0 and fewer than the batch's tokens: the forward stops at the hidden
+    states and the head runs inside the chunked loss, so the batch's full logits are never
+    held (albor.loss). A batch that fits in one chunk takes the plain path: chunking it would
+    save no memory and its backward would recompute the logits for nothing.
+    """
+    if chunk_tokens <= 0 or targets.numel() <= chunk_tokens:
+        return token_loss(engine(inputs), targets)
+    hidden = engine(inputs, hidden_only=True)  # through the engine: its forward hooks and dtype casts still apply
+    # ZeRO-2 keeps every parameter whole on every rank, so the head weight can be read outside forward.
+    return chunked_token_loss(hidden, engine.module.lm_head.weight, targets, chunk_tokens)
 
 
 def combine_rows(rows: list[list[float]], *, data_epoch: int) -> StepResult:
@@ -88,8 +97,10 @@ class DeepSpeedStep:
         gpu: GpuUtilization,
         faults: FaultPlan | None = None,
         stop: StopSignals | None = None,
+        loss_chunk_tokens: int = 0,
     ) -> None:
         self.engine = engine
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.loader = loader
         self.env = env
         self.grad_accumulation = grad_accumulation
@@ -109,7 +120,7 @@ class DeepSpeedStep:
         inputs, targets = self.loader.next_batch()
         inputs = inputs.to(self.env.device, non_blocking=True)
         targets = targets.to(self.env.device, non_blocking=True)
-        loss = token_loss(self.engine(inputs), targets)
+        loss = batch_loss(self.engine, inputs, targets, self.loss_chunk_tokens)
         if micro == 0 and self.faults is not None:
             if self.faults.poisons_loss(self.env.rank, step):
                 loss = loss * float("nan")
@@ -126,7 +137,7 @@ class DeepSpeedStep:
         """
         shape = (self.loader.micro_batch, self.loader.seq_length)
         zeros = torch.zeros(shape, dtype=torch.long, device=self.env.device)
-        return token_loss(self.engine(zeros), zeros) * 0.0
+        return batch_loss(self.engine, zeros, zeros, self.loss_chunk_tokens) * 0.0
 
     def __call__(self, step: int, lr: float) -> StepResult:
         set_lr(self.engine, lr)

@@ -6,15 +6,19 @@ import torch
 
 from albor.data.loader import ValidationLoader
 from albor.distributed.process_group import DistEnv
-from albor.distributed.step import token_loss
+from albor.distributed.step import batch_loss
 from albor.faults import FaultPlan
 
 
 class DeepSpeedValidation:
     """Mean cross-entropy over every validation token, identical on every rank."""
 
-    def __init__(self, engine, loader: ValidationLoader, env: DistEnv, faults: FaultPlan | None = None) -> None:
+    def __init__(
+        self, engine, loader: ValidationLoader, env: DistEnv, faults: FaultPlan | None = None, *,
+        loss_chunk_tokens: int = 0,
+    ) -> None:
         self.engine = engine
+        self.loss_chunk_tokens = loss_chunk_tokens  # the training step's loss, so train and val losses compare
         self.loader = loader
         self.env = env
         self.faults = faults
@@ -27,7 +31,7 @@ class DeepSpeedValidation:
             for inputs, targets in self.loader:
                 inputs = inputs.to(self.env.device, non_blocking=True)
                 targets = targets.to(self.env.device, non_blocking=True)
-                totals[0] += token_loss(self.engine(inputs), targets).double() * targets.numel()
+                totals[0] += batch_loss(self.engine, inputs, targets, self.loss_chunk_tokens).double() * targets.numel()
                 totals[1] += targets.numel()
             if self.faults is not None:  # the val-spike drill scales this rank's share before the reduce
                 totals[0] *= self.faults.val_loss_factor(self.env.rank, epoch)

@@ -156,8 +156,12 @@ class AlborLlama(nn.Module):
         self.model.norm.weight.fill_(1.0)
         self.model.rotary_emb.reset_tables()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) for `input_ids` (B, T), positions 0..T-1."""
+    def forward(self, input_ids: torch.Tensor, *, hidden_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for `input_ids` (B, T), positions 0..T-1.
+
+        ``hidden_only``: the final-norm hidden states (B, T, C) instead, for a loss
+        that applies ``lm_head`` itself, a chunk at a time (albor.loss).
+        """
         t = input_ids.shape[1]
         if t > self.config.max_position_embeddings:
             raise ConfigError(
@@ -165,4 +169,4 @@ class AlborLlama(nn.Module):
                 f"{self.config.max_position_embeddings}; shorten seq_len or raise the limit"
             )
         h = self.model(input_ids)  # (B, T, C)
-        return self.lm_head(h)  # (B, T, V)
+        return h if hidden_only else self.lm_head(h)  # (B, T, V)
