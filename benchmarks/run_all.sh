@@ -68,7 +68,7 @@ EOF
     echo "Ratios (its section headings, ratio lines and closing summary):"
     echo
     echo '```'
-    awk '/^== summary/ {summary = 1} summary || /^== |ratio [a-z]+\/[a-z]+:|\(ratio |albor - bare/' "$logs/$name.out"
+    awk '/^== summary/ {summary = 1} summary || /^== |ratio [a-z]+\/[a-z]+:|\(ratio |albor - bare|peak ratio|^ +(unchunked|[0-9]+) +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$/' "$logs/$name.out"
     echo '```'
     echo
     echo '<details><summary>full output</summary>'
@@ -88,8 +88,8 @@ defaults, on the CPU where there is no GPU.
 
 - **albor-370M on one GPU, micro-batch 16 x 1024, bf16.** Per token, 6N + 12·L·H·Q·T = 6 x 322.0M +
   12 x 24 x 1024 x 1024 ≈ 2.23 GFLOP, so 36.6 TFLOP a step. At 50% MFU of an H100's 989 TFLOP/s (bf16,
-  dense) that is a 74 ms step, the target; as written (no torch.compile, fp32 logits for the whole batch,
-  vocabulary 50257 not padded to a multiple of 64) the estimate is 115-150 ms, 25-32% MFU. Memory: about
+  dense) that is a 74 ms step, the target; as written before the chunked loss (no torch.compile, fp32 logits for
+  the whole batch, vocabulary 50257 not padded to a multiple of 64) the estimate was 115-150 ms, 25-32% MFU. Memory: about
   5 GB of weights and optimizer state and 18 GB of activations, so no activation checkpointing on 80 GB.
 - **albor's per-step overhead on a GPU.** bench_overhead.py measures it on CPU ranks over gloo. On a GPU
   the bare loop never waits for the device, while albor's step reads its one all-reduced buffer back
