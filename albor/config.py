@@ -107,7 +107,7 @@ def _problems(c: PretrainConfig) -> list[str]:
         non_negative(name)
     if c.steps_per_epoch <= 0:
         p.append(f"steps_per_epoch must be >= 1 (got {c.steps_per_epoch})")
-    if isinstance(c.loss_chunk_tokens, bool) or not isinstance(c.loss_chunk_tokens, int) or c.loss_chunk_tokens < 0:
+    if c.loss_chunk_tokens < 0:
         p.append(f"loss_chunk_tokens must be an integer >= 0, 0 for no chunking (got {c.loss_chunk_tokens!r})")
     if c.warmup_steps > c.total_steps:
         p.append(f"warmup_steps ({c.warmup_steps}) > total_steps ({c.total_steps}): lower --warmup-steps or raise --total-steps")

@@ -26,7 +26,7 @@ from albor.resume_plan import (
     scan_checkpoints,
     truncate_metrics,
 )
-from albor.run_files import METRICS_FILE, clear_exit_records
+from albor.run_files import METRICS_FILE, clear_rank_records
 
 log = logging.getLogger("albor")
 
@@ -62,7 +62,7 @@ def prepare_run_dir(config: PretrainConfig, env: DistEnv, point: CheckpointOnDis
             if dropped:
                 log.info("resume: dropped %d metrics.jsonl row(s) written after the checkpoint", dropped)
             # The earlier attempt's ranks said how they ended; this attempt's ranks (perhaps fewer) say it anew.
-            clear_exit_records(config.output_dir)
+            clear_rank_records(config.output_dir)
         except AlborError as e:
             error = e
         except OSError as e:

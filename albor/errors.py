@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import enum
+import sys
+from collections.abc import Callable
 
 
 class ExitCode(enum.IntEnum):
@@ -62,3 +64,25 @@ class UsageErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(f"{message} (see --help)")
+
+
+def run_command(prog: str, body: Callable[[], int]) -> int:
+    """Run one albor command's ``body`` and return its exit code.
+
+    What the user can fix ends as one line on stderr, ``{prog}: error: ...``:
+    an :class:`AlborError` with its own code, or a disk that fails under a
+    write (full, read-only, gone) with :attr:`ExitCode.DATA`. argparse's
+    ``--help`` returns 0.
+    """
+    try:
+        return body()
+    except SystemExit as e:
+        return int(e.code or 0)
+    except AlborError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return int(e.exit_code)
+    except OSError as e:
+        where = e.filename if e.filename is not None else "its output"
+        print(f"{prog}: error: {where}: {e.strerror or e}; check the path, its permissions and free disk space",
+              file=sys.stderr)
+        return int(ExitCode.DATA)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from albor.data.staging import build_into, make_dirs, remove_dirs
 from albor.data.tokenizer import Tokenizer, load_tokenizer
-from albor.errors import AlborError, ConfigError, DataError, UsageErrorParser
+from albor.errors import ConfigError, UsageErrorParser, run_command
 from albor.export.hf_files import write_hf_model
 from albor.export.model_file import ModelFile, choose_epoch, load_model_file
 from albor.export.run_tokenizer import check_tokenizer_fits, run_tokenizer
@@ -135,22 +135,15 @@ def _publish(out: Path, build: Callable[[Path], object]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the process exit code."""
-    try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Run the command; returns the process exit code (a failed write leaves nothing behind)."""
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
         done = export_hf(args.source, args.hf, epoch=args.epoch, tokenizer_dir=args.tokenizer, force=args.force)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except AlborError as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return int(e.exit_code)
-    except OSError as e:  # a full or failing disk while writing: nothing was left behind
-        where = e.filename if e.filename is not None else "the output directory"
-        print(f"{PROG}: error: {where}: {e.strerror or e}; check the path, its permissions and free disk space",
-              file=sys.stderr)
-        return int(DataError.exit_code)
-    print(f"{PROG}: wrote {done.describe()}")
-    return 0
+        print(f"{PROG}: wrote {done.describe()}")
+        return 0
+
+    return run_command(PROG, body)
 
 
 if __name__ == "__main__":

@@ -82,9 +82,9 @@ def error_record(e: BaseException) -> dict[str, Any]:
     return record
 
 
-def describe(error: Mapping[str, Any]) -> str:
-    """``Type: message``, then the advice, on one line."""
-    words = f"{error.get('type', 'error')}: {error.get('message', '')}".rstrip(": ")
+def describe(error: Mapping[str, Any], *, where: str = "") -> str:
+    """``Type{where}: message``, then the advice, on one line."""
+    words = f"{error.get('type', 'error')}{where}: {error.get('message', '')}".rstrip(": ")
     return f"{words} ({error['advice']})" if error.get("advice") else words
 
 
@@ -118,9 +118,7 @@ def crash_summary(own_rank: int, own: Mapping[str, Any], peers: Mapping[int, Map
     (a peer killed outright writes none).
     """
     if not own.get("lost_peer"):
-        advice = own.get("advice")
-        message = f"{own.get('type')} on rank {own_rank}: {own.get('message')}"
-        return CrashSummary(message + (f" ({advice})" if advice else ""), (own_rank,), advice)
+        return CrashSummary(describe(own, where=f" on rank {own_rank}"), (own_rank,), own.get("advice"))
     symptom = f"{own.get('type')}: {own.get('message')}"
     causes = {r: rec for r, rec in sorted(peers.items()) if r != own_rank and is_cause(rec)}
     if not causes:

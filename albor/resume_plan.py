@@ -23,6 +23,7 @@ from typing import Any
 
 from albor.atomic_files import write_bytes_atomic
 from albor.errors import ConfigError, DataError
+from albor.run_files import CONFIG_FILE
 
 CKPT_DIR = "ckpt"
 DEEPSPEED_DIR = "deepspeed"
@@ -403,7 +404,7 @@ def check_compatible(
     if data_differs:
         problems.append(
             f"the dataset differs (fingerprint {run['dataset_fingerprint']}, the checkpoint's {saved['dataset_fingerprint']}): "
-            f"pass the --dataset and --tokenizer the run started with (see {ckpt.metadata_path.parent.parent / 'config.yaml'})"
+            f"pass the --dataset and --tokenizer the run started with (see {ckpt.metadata_path.parent.parent / CONFIG_FILE})"
         )
     if problems:
         message = f"cannot resume from {ckpt.tag} in {ckpt.metadata_path.parent}: " + "; ".join(problems)
@@ -485,7 +486,7 @@ def resume_command(
     config file, were relative to that directory.
     """
     if argv is None:
-        args = ["--config", str(Path(run_dir) / "config.yaml")]
+        args = ["--config", str(Path(run_dir) / CONFIG_FILE)]
     else:
         args = [a for a in _without(argv, ("--resume", "--init-from", "--local_rank", "--local-rank")) if a != "--dry-run"]
     args += ["--resume", "auto"]

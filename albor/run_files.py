@@ -20,6 +20,7 @@ from typing import Any
 
 from albor.atomic_files import write_json_atomic, write_text_atomic
 
+CONFIG_FILE = "config.yaml"  # the resolved configuration, as YAML
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
 RANKS_DIR = "ranks"
@@ -68,7 +69,7 @@ def start_record_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / RANKS_DIR / f"rank-{rank}.start.json"
 
 
-def clear_exit_records(run_dir: Path) -> int:
+def clear_rank_records(run_dir: Path) -> int:
     """Remove the rank records (exit and start) an earlier attempt in ``run_dir`` left; how many.
 
     A resumed run's ranks (perhaps fewer) write their own; a stale start record

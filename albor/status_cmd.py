@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from albor.errors import AlborError, ConfigError, DataError, ExitCode, UsageErrorParser
+from albor.errors import ConfigError, DataError, ExitCode, UsageErrorParser, run_command
 from albor.reconcile import Verdict, finalise, reconcile
 from albor.run_files import STATUS_FILE, read_rank_records
 
@@ -40,15 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the process exit code."""
-    try:
+
+    def body() -> int:
         args = build_parser().parse_args(argv)
         status, verdict, finalised = check(args.run_dir)
         sys.stdout.write(json.dumps(status, indent=2) + "\n" if args.json
                          else format_status(args.run_dir, status, verdict, finalised=finalised))
         return int(ExitCode.OK)
-    except AlborError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return int(e.exit_code)
+
+    return run_command(PROG, body)
 
 
 def check(run_dir: Path) -> tuple[dict[str, Any], Verdict, bool]:

@@ -31,7 +31,7 @@ from albor.distributed.resume import needs_universal
 from albor.rank_failure import crash_summary, error_record, is_cause
 from albor.reconcile import reconcile_before_resume
 from albor.resume_plan import launcher_command, resume_command, run_fields
-from albor.run_files import STATUS_FILE, RunFiles, wait_for_peer_records, write_exit_record, write_start_record
+from albor.run_files import CONFIG_FILE, STATUS_FILE, RunFiles, wait_for_peer_records, write_exit_record, write_start_record
 from albor.run_setup import build_run, open_data
 from albor.stop_signal import StopSignals, watch_launcher
 
@@ -111,7 +111,7 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
             prepare_run_dir(config, env, point)
         files = RunFiles(config.output_dir, enabled=env.is_main)
         write_start_record(config.output_dir, env.rank, env.world_size)  # every rank: albor status checks it is alive
-        files.write_text("config.yaml", config.to_yaml())
+        files.write_text(CONFIG_FILE, config.to_yaml())
         files.write_json("ds_config.json", ds)
         status_extra: dict = {
             "resume_command": resume_command(

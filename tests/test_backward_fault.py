@@ -19,6 +19,7 @@ import pytest
 
 from albor.rank_failure import OOM_ADVICE
 from albor.status_cmd import main as status_main
+from tests.drill_env import DRILL_ENV
 
 pytestmark = pytest.mark.multiproc
 
@@ -26,9 +27,6 @@ ARGS = [
     "--model", "tiny", "--mode", "from-scratch", "--total-steps", "20", "--steps-per-epoch", "10",
     "--batch-size", "4", "--seq-length", "256", "--warmup-steps", "5", "--lr-max", "1e-3",
 ]
-# A hang ends the run at 30 s after the first step (120 s during start-up), inside the launch's own 300 s;
-# the drills below then fail on their "no timeout" assertions instead of hanging.
-DRILL_ENV = {"ALBOR_STEP_TIMEOUT_S": "30", "ALBOR_STARTUP_TIMEOUT_S": "120"}
 #: The survivor's end may lag the failing rank's by its gloo error, the wait for the record and its exit path.
 SURVIVOR_LAG_S = 10.0
 

@@ -279,3 +279,25 @@ def test_an_unknown_albor_command_names_every_command(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'reprot'" in err
     assert all(name in err for name in ("pretrain", "prepare-data", "report", "export", "status"))
+
+
+def test_run_command_turns_what_the_user_can_fix_into_one_line(capsys):
+    from albor.errors import DataError, ExitCode, run_command
+
+    def bad_data() -> int:
+        raise DataError("the shard is\n  short: prepare it again")
+
+    def full_disk() -> int:
+        raise OSError(28, "No space left on device", "/runs/a/ckpt")
+
+    def help_() -> int:
+        raise SystemExit(0)
+
+    assert run_command("albor x", bad_data) == ExitCode.DATA
+    assert capsys.readouterr().err == "albor x: error: the shard is short: prepare it again\n"
+    assert run_command("albor x", full_disk) == ExitCode.DATA
+    err = capsys.readouterr().err
+    assert err.startswith("albor x: error: /runs/a/ckpt: No space left on device;") and err.count("\n") == 1
+    assert run_command("albor x", help_) == 0
+    with pytest.raises(ZeroDivisionError):  # a bug is not the user's to fix: its traceback stays
+        run_command("albor x", lambda: 1 // 0)

@@ -28,6 +28,7 @@ import yaml
 from albor.apr import read_apr
 from albor.model import AlborLlama, ModelConfig, load_hf_state_dict
 from albor.pretrain import main as pretrain_main
+from tests.drill_env import DRILL_ENV
 
 pytestmark = pytest.mark.multiproc
 
@@ -44,10 +45,6 @@ METADATA_FIELDS = (
     "epoch", "train_loss", "val_loss", "train_ppl", "val_ppl", "optimizer_state_sha",
     "wall_seconds", "tokens_seen", "grad_norm_max",
 )
-# Collective timeouts for the drills: a hang after the first step ends the run at 30 s, one during
-# start-up or a checkpoint at 120 s (a loaded 2-core box), both inside the launch's own 300 s
-# (conftest.LAUNCH_TIMEOUT_S).
-DRILL_ENV = {"ALBOR_STEP_TIMEOUT_S": "30", "ALBOR_STARTUP_TIMEOUT_S": "120"}
 
 
 def base_args(dataset: Path, config: Path, *, batch: int = BATCH, seed: int | None = None) -> list[str]:

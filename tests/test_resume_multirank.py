@@ -44,6 +44,7 @@ from albor.apr import read_apr
 from albor.data.loader import TokenDataset, TrainLoader, index_vocab_size
 from albor.model import AlborLlama, load_hf_state_dict, model_preset
 from albor.stop_signal import DUPLICATE_WINDOW_S
+from tests.drill_env import DRILL_ENV
 
 pytestmark = pytest.mark.multiproc
 
@@ -55,8 +56,6 @@ WARMUP, LR_MAX, SEED = 3, 1e-3, 42
 STEP_FIELDS = ("train_loss", "grad_norm", "lr")
 #: Epoch metadata that must match the reference exactly (wall_seconds is a clock, the rest is training).
 EPOCH_FIELDS = ("optimizer_state_sha", "train_loss", "val_loss", "tokens_seen", "grad_norm_max", "step")
-# A rank left waiting for a peer fails within these, far inside conftest's 300 s launch timeout.
-DRILL_ENV = {"ALBOR_STEP_TIMEOUT_S": "30", "ALBOR_STARTUP_TIMEOUT_S": "240"}
 #: Once the rank holding the pipe has written its previous file, how long before the test acts: by then it
 #: is certainly blocked in open(), since nothing else is left for it to do.
 SETTLE_S = 1.0
@@ -202,6 +201,15 @@ def resumed_from(run) -> dict:
     return run.status()["resumed_from"]
 
 
+def interrupt(albor_launch, dataset: Path, config: Path, run_dir: Path, observe, *, resume: bool = True) -> Interrupted:
+    """A 2-rank run that ``observe`` interrupts, summarised; then, with ``resume``, ``--resume auto`` in its directory."""
+    first = interrupted(albor_launch("deepspeed", base_args(dataset, config), run_dir, env=DRILL_ENV, observe=observe))
+    if resume:
+        first.resumed = albor_launch("deepspeed", [*base_args(dataset, config), "--resume", "auto"], run_dir,
+                                     env=DRILL_ENV)
+    return first
+
+
 # ── runs ───────────────────────────────────────────────────────────────────
 
 
@@ -211,11 +219,9 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def config(work) -> Path:
-    """1 validation batch a rank (speed) and a target the tiny run certainly meets."""
-    p = work / "run.yaml"
-    p.write_text("val_batches: 1\ntarget_val_loss: 100.0\n")
-    return p
+def config(dev_run_config) -> Path:
+    """conftest's: 1 validation batch a rank (speed) and a target the tiny run certainly meets."""
+    return dev_run_config
 
 
 @pytest.fixture(scope="module")
@@ -237,9 +243,7 @@ def sigterm_rank_1(albor_launch, builtin_dataset, config, work) -> Interrupted:
             return {"rows": rows_logged(d), "pid": signal_rank(d, 1, signal.SIGTERM)}
         return None
 
-    first = interrupted(albor_launch(
-        "deepspeed", base_args(builtin_dataset, config), run_dir, env=DRILL_ENV, observe=stop_rank_1
-    ))
+    first = interrupt(albor_launch, builtin_dataset, config, run_dir, stop_rank_1, resume=False)
     command = first.status.get("resume_command", "")
     prefix = f"cd {shlex.quote(str(REPO))} && deepspeed --num_gpus {RANKS} --module albor.pretrain "
     assert command.startswith(prefix), (command, first.run.tail())
@@ -265,8 +269,7 @@ def sigterm_launcher(albor_launch, builtin_dataset, config, work) -> Interrupted
             return {"rows": rows_logged(d), "runner": group, "ranks": {r: p.pid for r, p in ranks.items()}}
         return None
 
-    run = albor_launch("deepspeed", base_args(builtin_dataset, config), run_dir, env=DRILL_ENV, observe=stop_the_runner)
-    return interrupted(run)
+    return interrupt(albor_launch, builtin_dataset, config, run_dir, stop_the_runner, resume=False)
 
 
 @pytest.fixture(scope="module")
@@ -287,13 +290,7 @@ def killed_in_save(albor_launch, builtin_dataset, config, work) -> Interrupted:
             return {"ckpt": left}
         return None
 
-    first = interrupted(albor_launch(
-        "deepspeed", base_args(builtin_dataset, config), run_dir, env=DRILL_ENV, observe=kill_rank_0_in_its_save
-    ))
-    first.resumed = albor_launch(
-        "deepspeed", [*base_args(builtin_dataset, config), "--resume", "auto"], run_dir, env=DRILL_ENV
-    )
-    return first
+    return interrupt(albor_launch, builtin_dataset, config, run_dir, kill_rank_0_in_its_save)
 
 
 @pytest.fixture(scope="module")
@@ -327,13 +324,7 @@ def second_sigterm(albor_launch, builtin_dataset, config, work) -> Interrupted:
         assert signal_rank(d, 0, signal.SIGTERM) == seen["first"]  # the same process, signalled twice
         return {"tag": seen["tag"], "at": at, "apart": now - seen["t1"]}
 
-    first = interrupted(albor_launch(
-        "deepspeed", base_args(builtin_dataset, config), run_dir, env=DRILL_ENV, observe=signal_rank_0_twice
-    ))
-    first.resumed = albor_launch(
-        "deepspeed", [*base_args(builtin_dataset, config), "--resume", "auto"], run_dir, env=DRILL_ENV
-    )
-    return first
+    return interrupt(albor_launch, builtin_dataset, config, run_dir, signal_rank_0_twice)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from albor.errors import ExitCode
 from albor.rank_failure import OOM_ADVICE
 from albor.reconcile import ALIVE, EXITED, KILLED, UNKNOWN, finalise, judge, last_logged_step, reconcile, reconcile_before_resume
-from albor.run_files import clear_exit_records, read_rank_records, write_exit_record, write_start_record
+from albor.run_files import clear_rank_records, read_rank_records, write_exit_record, write_start_record
 from albor.status_cmd import main as status_main
 
 HOST = socket.gethostname()
@@ -281,7 +281,7 @@ def test_a_rank_writes_its_start_record_and_an_error_in_its_exit_record(tmp_path
     (tmp_path / "ranks" / "rank-5.exit.json").write_text('{"rank": 6}')  # names another rank: not trusted
     (tmp_path / "ranks" / "rank-7.exit.json").write_text("{torn")
     assert sorted(read_rank_records(tmp_path, "exit")) == [2, 3]
-    assert clear_exit_records(tmp_path) == 5 and not list((tmp_path / "ranks").iterdir())
+    assert clear_rank_records(tmp_path) == 5 and not list((tmp_path / "ranks").iterdir())
 
 
 def test_last_logged_step_reads_only_the_end_of_metrics(tmp_path):

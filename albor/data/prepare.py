@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from albor.data.shards import DEFAULT_SHARD_TOKENS, INDEX_NAME
 from albor.data.staging import build_into, make_dirs, remove_dirs
 from albor.data.tokenizer import load_tokenizer
 from albor.data.tokenizing import DEFAULT_VAL_FRACTION, prepare_corpus
-from albor.errors import AlborError, ConfigError, DataError
+from albor.errors import ConfigError, run_command
 
 _SHARD_RE = re.compile(r"^(train|val)-\d{5}\.bin$")
 
@@ -159,23 +158,14 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the process exit code."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
-        return int(e.code or 0)
-    try:
-        index_path = run(args)
-    except AlborError as e:
-        print(f"albor prepare-data: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return int(e.exit_code)
-    except OSError as e:  # a full disk or a failing one while writing: the user's to fix
-        where = e.filename if e.filename is not None else args.output
-        print(f"albor prepare-data: error: {where}: {e.strerror or e}; check the path, its permissions "
-              "and free disk space", file=sys.stderr)
-        return int(DataError.exit_code)
-    index = json.loads(index_path.read_text())
-    print(
-        f"albor prepare-data: wrote {index_path} ({index['tokens']['train']} train / {index['tokens']['val']} val "
-        f"tokens, {len(index['shards'])} shards, fingerprint {index['fingerprint'][:16]})"
-    )
-    return 0
+
+    def body() -> int:  # argparse exits 2 on usage errors (with its usage text), 0 on --help
+        index_path = run(_parser().parse_args(argv))
+        index = json.loads(index_path.read_text())
+        print(
+            f"albor prepare-data: wrote {index_path} ({index['tokens']['train']} train / {index['tokens']['val']} val "
+            f"tokens, {len(index['shards'])} shards, fingerprint {index['fingerprint'][:16]})"
+        )
+        return 0
+
+    return run_command("albor prepare-data", body)

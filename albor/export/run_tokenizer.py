@@ -25,8 +25,8 @@ from albor.data.tokenizer import Tokenizer, load_tokenizer
 from albor.data.tokenizer_match import shipped_tokenizer_dir
 from albor.errors import AlborError, ConfigError, DataError
 from albor.model import ModelConfig
+from albor.run_files import CONFIG_FILE
 
-RUN_CONFIG = "config.yaml"  # what albor.train writes into the run directory
 
 
 def run_tokenizer(run_dir: Path, checkpoint_metadata: Mapping[str, Any], given: Path | None) -> Tokenizer:
@@ -68,9 +68,9 @@ def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig) -> None:
 
 def _run_config(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
     """(the run's config.yaml, or None; why not)."""
-    path = run_dir / RUN_CONFIG
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
-        return None, f"it has no {RUN_CONFIG}"
+        return None, f"it has no {CONFIG_FILE}"
     try:
         return read_yaml(path), ""
     except ConfigError as e:
@@ -91,7 +91,7 @@ def _run_index(
     candidates.append(run_dir / CACHE_DIR / INDEX_NAME)  # a raw corpus, tokenized by the run itself
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        return None, None, f"its dataset {dataset} (from {RUN_CONFIG}) is not there"
+        return None, None, f"its dataset {dataset} (from {CONFIG_FILE}) is not there"
     try:
         index = read_index(path)
     except AlborError as e:

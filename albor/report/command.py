@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from albor.errors import AlborError, ConfigError, ExitCode, UnsupportedEnvironmentError, UsageErrorParser
+from albor.errors import ConfigError, ExitCode, UnsupportedEnvironmentError, UsageErrorParser, run_command
 
 PROG = "albor report"
 FIGURE_NAME = "report.png"
@@ -32,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the process exit code."""
-    try:
+
+    def body() -> int:
         args = build_parser().parse_args(argv)
         sys.stdout.write(report(args.run_dir, args.output))
         return int(ExitCode.OK)
-    except AlborError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return int(e.exit_code)
+
+    return run_command(PROG, body)
 
 
 def report(run_dir: Path, output: Path | None = None) -> str:

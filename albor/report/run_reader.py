@@ -19,9 +19,8 @@ from typing import Any
 import yaml
 
 from albor.errors import ConfigError
-from albor.run_files import METRICS_FILE, STATUS_FILE
+from albor.run_files import CONFIG_FILE, METRICS_FILE, STATUS_FILE
 
-CONFIG_FILE = "config.yaml"
 EPOCH_METADATA_GLOB = "ckpt/epoch-*.metadata.json"  # preemption checkpoints (step-*) carry no val_loss
 #: The per-step fields a report draws; a row without one of them (finite numbers) counts as unreadable.
 #: gpu_util_pct is not among them: a row may hold null there (no GPU), and the figure says so.
