@@ -23,7 +23,7 @@ from typing import Any
 
 from albor.atomic_files import write_bytes_atomic
 from albor.errors import ConfigError, DataError
-from albor.run_files import CONFIG_FILE
+from albor.run_files import CONFIG_FILE, finite_number
 
 CKPT_DIR = "ckpt"
 DEEPSPEED_DIR = "deepspeed"
@@ -272,6 +272,12 @@ def _temporary_files(ckpt: Path, listed: set[Path]) -> list[Debris]:
 def _age(c: CheckpointOnDisk) -> tuple[int, bool]:
     # At one step an epoch checkpoint counts as the newer: the same state, plus the .apr.
     return c.step, c.kind == "epoch"
+
+
+def best_epoch(checkpoints: Sequence[CheckpointOnDisk]) -> CheckpointOnDisk | None:
+    """The epoch checkpoint with the lowest finite val_loss, the earliest on a tie (as the loop counts "best")."""
+    scored = [c for c in checkpoints if c.kind == "epoch" and finite_number(c.metadata.get("val_loss"))]
+    return min(scored, key=lambda c: (c.metadata["val_loss"], c.epoch), default=None)
 
 
 def remove_debris(debris: Sequence[Debris], log: logging.Logger) -> None:

@@ -11,6 +11,7 @@ since only a rank knows how it ended).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -59,6 +60,11 @@ class RunFiles:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+
+
+def finite_number(value: Any) -> bool:
+    """A JSON number in a run file that is finite (JSON's booleans are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def exit_record_path(run_dir: Path, rank: int) -> Path:

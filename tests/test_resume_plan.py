@@ -442,3 +442,15 @@ def test_an_older_albors_epoch_files_are_never_debris(tmp_path):
     assert [c.tag for c in scan.complete_not_resumable] == ["epoch-000"]
     with pytest.raises(ConfigError, match="--init-from .*epoch-000.apr"):  # auto must not start over on top of them
         find_resume_point(tmp_path, "auto")
+
+
+def test_best_epoch_is_the_lowest_finite_val_loss_and_the_earliest_on_a_tie(tmp_path):
+    from albor.resume_plan import CheckpointOnDisk, best_epoch
+
+    def epoch(n: int, val_loss, kind: str = "epoch") -> CheckpointOnDisk:
+        return CheckpointOnDisk(tag=f"epoch-{n:03d}", kind=kind, step=n, epoch=n, metadata_path=tmp_path,
+                                ds_dir=tmp_path, metadata={"val_loss": val_loss})
+
+    runs = [epoch(0, 5.0), epoch(1, 4.0), epoch(2, float("nan")), epoch(3, 4.0), epoch(4, None), epoch(5, 1.0, "preemption")]
+    assert best_epoch(runs).epoch == 1
+    assert best_epoch([epoch(0, None), epoch(1, float("inf"))]) is None

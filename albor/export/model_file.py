@@ -14,7 +14,6 @@ every tensor's name and shape against that architecture
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from albor.apr import read_apr
 from albor.errors import ConfigError, DataError
 from albor.model import AlborLlama, ModelConfig, load_hf_state_dict, to_hf_state_dict
-from albor.resume_plan import CheckpointOnDisk, scan_checkpoints
+from albor.resume_plan import CheckpointOnDisk, best_epoch, scan_checkpoints
 
 # ModelConfig field -> its .apr metadata key, where the checkpoint writer
 # (albor.distributed.checkpoint.apr_metadata) uses Hugging Face's name instead.
@@ -80,10 +79,9 @@ def choose_epoch(run_dir: Path, epoch: int | None) -> CheckpointOnDisk:
             f"--epoch {epoch}: run {run_dir} has no complete epoch {epoch} with its model file; "
             f"pass one of the epochs it has: {listed}"
         )
-    scored = [c for c in found if _is_finite_number(c.metadata.get("val_loss"))]
-    if not scored:
+    if (best := best_epoch(found)) is None:
         raise ConfigError(f"no epoch of run {run_dir} records a finite val_loss; pick one with --epoch N (of {listed})")
-    return min(scored, key=lambda c: (c.metadata["val_loss"], c.epoch))
+    return best
 
 
 def model_config_from_metadata(path: Path, metadata: Mapping[str, Any]) -> ModelConfig:
@@ -125,7 +123,3 @@ def load_model_file(path: Path, *, val_loss: float | None = None) -> ModelFile:
             raise DataError(f"{path}: tensor {name} holds NaN or Inf; export an earlier epoch (--epoch N)")
     epoch = metadata.get("epoch")
     return ModelFile(path, cfg, weights, epoch if isinstance(epoch, int) else None, val_loss)
-
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

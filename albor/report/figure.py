@@ -17,7 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from albor.report.run_reader import RunData, finite_number
+from albor.report.run_reader import RunData
+from albor.run_files import finite_number
 from albor.report.summary import FINISHED, Summary, format_summary, gate005_limits, per_rank, regime_of
 
 #: Size of report.png: FIGSIZE inches at DPI dots per inch (the tests check the pixels).

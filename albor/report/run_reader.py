@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import yaml
 
 from albor.errors import ConfigError
-from albor.run_files import CONFIG_FILE, METRICS_FILE, STATUS_FILE
+from albor.run_files import CONFIG_FILE, METRICS_FILE, STATUS_FILE, finite_number
 
 EPOCH_METADATA_GLOB = "ckpt/epoch-*.metadata.json"  # preemption checkpoints (step-*) carry no val_loss
 #: The per-step fields a report draws; a row without one of them (finite numbers) counts as unreadable.
@@ -96,11 +95,6 @@ def parse_metrics(text: str) -> tuple[list[dict[str, Any]], int]:
             continue
         by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)], skipped
-
-
-def finite_number(value: Any) -> bool:
-    """A JSON number that is finite (JSON's booleans are not numbers here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from albor.contract import DIVERGENCE_RATIO_LIMIT, Regime
-from albor.report.run_reader import RunData, finite_number
+from albor.report.run_reader import RunData
+from albor.run_files import finite_number
 
 #: Statuses of a run that ended by its own verdict (gates 003/004); every other ended status is a stop.
 FINISHED = ("ok", "early_stop")
