@@ -135,10 +135,10 @@ def _problems(c: PretrainConfig) -> list[str]:
             f"output_dir {c.output_dir} already holds a run: choose a new --output-dir, remove the old one, "
             "or pass --resume auto to continue it"
         )
-    if c.resume is not None and c.init_from is not None:
+    if c.resume not in (None, "auto") and c.init_from is not None:
         p.append(
-            "--resume and --init-from are exclusive: a resumed run takes its weights from its checkpoint; "
-            "pass --init-from only to start a new run"
+            f"--resume {c.resume} and --init-from are exclusive: that checkpoint holds the run's weights; "
+            "pass --init-from only to start a new run, or with --resume auto (used when there is no checkpoint yet)"
         )
     if c.init_from is not None and not c.init_from.is_file():
         p.append(f"init_from {c.init_from} is not a file: pass a model file (.apr) to --init-from")
@@ -247,11 +247,12 @@ def resolve_config(
                 value = _coerce(name, raw, problems)
                 if value is not dataclasses.MISSING:
                     values[name] = value
-    # resume and init_from answer one question (where the weights come from), so a flag that answers
-    # it replaces the config file's answer: a run started with init_from in its config can be
-    # continued with --config RUN/config.yaml --resume auto. Both as flags, or both in one file, are refused.
+    # resume and init_from answer one question (where the weights come from). resume: auto keeps
+    # init_from as the answer for a run directory with no checkpoint yet (a requeued job's first start);
+    # any other flag that answers it replaces the config file's answer (--init-from: a new run;
+    # --resume PATH: that checkpoint).
     for chosen, other in (("resume", "init_from"), ("init_from", "resume")):
-        if flags.get(chosen) is not None and flags.get(other) is None:
+        if flags.get(chosen) not in (None, "auto") and flags.get(other) is None:
             values.pop(other, None)
     if problems:
         try:  # also report what the well-formed values get wrong, all in one message

@@ -152,15 +152,14 @@ def _dry_run(config) -> int:
 
 def _start_point(config) -> str:
     """Where a real run with ``config`` would start, in words; nothing is removed."""
-    if config.init_from is not None:
-        return f"a new run from the model in {config.init_from}"
+    new_run = f"a new run from the model in {config.init_from}" if config.init_from is not None else "a new run"
     if config.resume is None:
-        return "a new run"
+        return new_run
     from albor.resume_plan import find_resume_point, scan_checkpoints
 
     scan = scan_checkpoints(config.output_dir)
     found = find_resume_point(config.output_dir, config.resume, scan=scan)
-    where = f"resume from {found.describe()}" if found is not None else "a new run (no checkpoint to resume)"
+    where = f"resume from {found.describe()}" if found is not None else f"{new_run} (no checkpoint to resume)"
     if scan.debris:
         where += f"; {len(scan.debris)} half-written item(s) in ckpt/ would be removed first"
     return where

@@ -93,13 +93,6 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
         data = open_data(config, env)
         accumulation = ds["gradient_accumulation_steps"]
         point = weights = None
-        if config.init_from is not None:  # checked before anything is written or built
-            error = None
-            try:
-                weights = read_model_file(config.init_from, data.model_cfg, model_name=config.model)
-            except AlborError as e:
-                error = e
-            env.raise_together(error, "reading --init-from")
         if config.resume is not None:
             if env.is_main:  # an attempt killed outright left "running": give it its final status first
                 reconcile_before_resume(config.output_dir, log)
@@ -108,6 +101,16 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
             point = choose_checkpoint(config, env, identity, gradient_accumulation=accumulation)
             if point is not None and needs_universal(point.world_size, env.world_size):
                 ds = {**ds, "checkpoint": {"load_universal": True}}  # resharded through DeepSpeed's universal format
+        # --init-from starts a new run; with --resume auto, only when there was no checkpoint to continue.
+        # Read (and checked) before anything in the run directory is changed.
+        if config.init_from is not None and point is None:
+            error = None
+            try:
+                weights = read_model_file(config.init_from, data.model_cfg, model_name=config.model)
+            except AlborError as e:
+                error = e
+            env.raise_together(error, "reading --init-from")
+        if config.resume is not None:
             prepare_run_dir(config, env, point)
         files = RunFiles(config.output_dir, enabled=env.is_main)
         write_start_record(config.output_dir, env.rank, env.world_size)  # every rank: albor status checks it is alive

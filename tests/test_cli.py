@@ -174,7 +174,7 @@ def test_resume_auto_continues_a_run_dir_and_the_dry_run_says_from_where(capsys,
     assert "--resume epoch-001: is epoch-001, not a complete checkpoint" in err and "epoch-000 (step 5)" in err
 
 
-def test_init_from_is_a_new_run_and_excludes_resume(capsys, data, tmp_path):
+def test_init_from_is_a_new_run_and_only_resume_auto_goes_with_it(capsys, data, tmp_path):
     model = tmp_path / "m.apr"
     model.write_bytes(b"APR")
     out_dir = str(tmp_path / "run")
@@ -182,24 +182,30 @@ def test_init_from_is_a_new_run_and_excludes_resume(capsys, data, tmp_path):
     assert (cfg["init_from"], cfg["resume"], cfg["preempt_grace_s"]) == (str(model), None, 25.0)
     _, out, _ = run(capsys, "--dataset", str(data), "--init-from", str(model), "--dry-run")
     assert f"# start: a new run from the model in {model}" in out
-    code, out, err = run(capsys, "--dataset", str(data), "--output-dir", out_dir, "--init-from", str(model), "--resume", "auto")
+    # --resume auto: continue a checkpoint if there is one, else start from the model file (a requeued job).
+    _, out, _ = run(capsys, "--dataset", str(data), "--output-dir", out_dir, "--init-from", str(model),
+                    "--resume", "auto", "--dry-run")
+    assert f"# start: a new run from the model in {model} (no checkpoint to resume)" in out
+    code, out, err = run(capsys, "--dataset", str(data), "--output-dir", out_dir, "--init-from", str(model),
+                         "--resume", "epoch-000")
     assert code == ExitCode.USAGE and out == "" and err.count("\n") == 1
-    assert "--resume and --init-from are exclusive" in err
+    assert "--resume epoch-000 and --init-from are exclusive" in err
 
 
-def test_a_resume_flag_replaces_the_config_files_init_from_and_back(capsys, data, tmp_path):
+def test_where_the_weights_come_from_resume_auto_keeps_the_config_files_init_from(capsys, data, tmp_path):
     model = tmp_path / "m.apr"
     model.write_bytes(b"APR")
     f = tmp_path / "c.yaml"
     f.write_text(f"dataset: {data}\ninit_from: {model}\n")  # as a run's own config.yaml records it
+    # --resume auto (Slurm's requeue adds it): the checkpoint if there is one, else this model file.
     cfg = resolved(capsys, "--config", str(f), "--resume", "auto")
-    assert (cfg["resume"], cfg["init_from"]) == ("auto", None)
+    assert (cfg["resume"], cfg["init_from"]) == ("auto", str(model))
     f.write_text(f"dataset: {data}\nresume: auto\n")
-    cfg = resolved(capsys, "--config", str(f), "--init-from", str(model))
+    cfg = resolved(capsys, "--config", str(f), "--init-from", str(model))  # --init-from: a new run
     assert (cfg["resume"], cfg["init_from"]) == (None, str(model))
-    f.write_text(f"dataset: {data}\nresume: auto\ninit_from: {model}\n")
+    f.write_text(f"dataset: {data}\nresume: epoch-003\ninit_from: {model}\n")
     code, _, err = run(capsys, "--config", str(f), "--dry-run")
-    assert code == ExitCode.USAGE and "--resume and --init-from are exclusive" in err
+    assert code == ExitCode.USAGE and "--resume epoch-003 and --init-from are exclusive" in err
 
 
 def test_the_invocation_is_kept_for_the_resume_command(capsys, data, tmp_path):

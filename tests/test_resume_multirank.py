@@ -592,12 +592,13 @@ def expected_losses(apr: Path, dataset: Path, steps: int) -> list[float]:
 def init_from_run(albor_launch, builtin_dataset, config, work, reference):
     """A new one-process run (the same global batch) from the reference's epoch-1 model file.
 
-    Warmup 1: step 0 runs at lr 0 and moves nothing, so step 1 trains on what the
+    With ``--resume auto`` in an empty run directory, as a requeued Slurm job's first start
+    has it: no checkpoint to continue, so the model file is where the weights come from. Warmup 1: step 0 runs at lr 0 and moves nothing, so step 1 trains on what the
     ZeRO fp32 master partitions were given, not on the module alone.
     """
     apr = reference.run_dir / "ckpt" / "epoch-001.apr"
     args = [*base_args(builtin_dataset, config, batch=RANKS * BATCH, total=2, per_epoch=2, warmup=1),
-            "--init-from", str(apr)]
+            "--init-from", str(apr), "--resume", "auto"]
     return albor_launch("python", args, work / "init-from")
 
 
