@@ -3,7 +3,7 @@
 On a terminal, rank 0 draws a tqdm bar (step, loss, tokens/s, ETA). Into a
 log file (stderr not a TTY) it writes a plain line every ``log_every`` steps
 instead, since a bar's carriage returns would fill a log with half-lines.
-Other ranks show nothing: the ``albor`` logger drops their INFO lines.
+Other ranks have no per-step sink at all (:meth:`StepOutput.for_run`).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class ConsoleProgress:
-    """A per-step callback: a progress bar on a terminal, periodic log lines otherwise."""
+    """Rank 0's per-step callback: a progress bar on a terminal, periodic log lines otherwise."""
 
-    def __init__(self, *, rank: int, total_steps: int, log_every: int, stream: TextIO | None = None) -> None:
+    def __init__(self, *, total_steps: int, log_every: int, stream: TextIO | None = None) -> None:
         self.total_steps = total_steps
         self.log_every = log_every
         self.stream = stream if stream is not None else sys.stderr
-        self.use_bar = rank == 0 and self.stream.isatty()
+        self.use_bar = self.stream.isatty()
         self._bar: tqdm | None = None
 
     def __call__(self, record: Mapping[str, Any]) -> None:
@@ -92,11 +92,15 @@ class StepOutput:
         self.sinks = sinks
 
     @classmethod
-    def for_run(cls, *, rank: int, writes_files: bool, run_dir: Path, total_steps: int, log_every: int,
-                tensorboard: bool) -> StepOutput:
-        """The console, plus TensorBoard on the rank that writes the run's files when ``tensorboard``."""
-        sinks: list[Any] = [ConsoleProgress(rank=rank, total_steps=total_steps, log_every=log_every)]
-        if tensorboard and writes_files:
+    def for_run(cls, *, rank: int, run_dir: Path, total_steps: int, log_every: int, tensorboard: bool) -> StepOutput:
+        """Rank 0 (the rank that writes the run's files): the console, plus TensorBoard when ``tensorboard``.
+
+        Every other rank gets no sink: nothing of theirs would be shown or written.
+        """
+        if rank != 0:
+            return cls()
+        sinks: list[Any] = [ConsoleProgress(total_steps=total_steps, log_every=log_every)]
+        if tensorboard:
             sinks.append(TensorBoardLog(run_dir))
         return cls(*sinks)
 

@@ -104,6 +104,7 @@ class RunParts:
                 "dataset_fingerprint": self.data.dataset.fingerprint,
                 "deterministic": config.deterministic,
                 "loss_chunk_tokens": config.loss_chunk_tokens,
+                "vocab_size": model_cfg.vocab_size, "regime": config.regime.value,  # albor report: gate 005's epoch-0 cap
                 "run": run_fields(
                     config, global_batch=config.batch_size * self.engine.gradient_accumulation_steps() * env.world_size,
                     dataset_fingerprint=self.data.dataset.fingerprint,

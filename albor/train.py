@@ -141,7 +141,7 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
             "peak from the device table" if parts.peak_flops else "unavailable on this device (null)",
         )
         step_output = StepOutput.for_run(
-            rank=env.rank, writes_files=env.is_main, run_dir=config.output_dir, total_steps=config.total_steps,
+            rank=env.rank, run_dir=config.output_dir, total_steps=config.total_steps,
             log_every=max(1, min(50, config.steps_per_epoch // 4)), tensorboard=config.tensorboard,
         )
         loop = parts.loop(

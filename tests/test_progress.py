@@ -45,7 +45,7 @@ def albor_lines():
 
 def test_a_log_file_gets_plain_lines_every_log_every_steps(albor_lines):
     stream = io.StringIO()  # not a TTY
-    progress = ConsoleProgress(rank=0, total_steps=10, log_every=4, stream=stream)
+    progress = ConsoleProgress(total_steps=10, log_every=4, stream=stream)
     for step in range(10):
         progress(record(step))
     progress.close()
@@ -55,7 +55,7 @@ def test_a_log_file_gets_plain_lines_every_log_every_steps(albor_lines):
 
 def test_a_terminal_gets_a_bar_with_step_loss_throughput_and_eta(albor_lines):
     stream = Terminal()
-    progress = ConsoleProgress(rank=0, total_steps=10, log_every=1, stream=stream)
+    progress = ConsoleProgress(total_steps=10, log_every=1, stream=stream)
     for step in range(5, 8):  # a resumed run: the bar starts part-way
         progress(record(step))
     progress.close()
@@ -65,14 +65,6 @@ def test_a_terminal_gets_a_bar_with_step_loss_throughput_and_eta(albor_lines):
     assert albor_lines == []  # the bar replaces the periodic lines
 
 
-def test_other_ranks_draw_no_bar():
-    stream = Terminal()
-    progress = ConsoleProgress(rank=1, total_steps=10, log_every=1, stream=stream)
-    progress(record(0))
-    progress.close()
-    assert stream.getvalue() == ""
-
-
 def test_a_log_line_lands_above_the_bar_not_inside_it():
     stream = Terminal()
     log = logging.getLogger("albor.test_progress")
@@ -80,7 +72,7 @@ def test_a_log_line_lands_above_the_bar_not_inside_it():
     handler = BarSafeHandler(stream)
     log.addHandler(handler)
     try:
-        progress = ConsoleProgress(rank=0, total_steps=10, log_every=1, stream=stream)
+        progress = ConsoleProgress(total_steps=10, log_every=1, stream=stream)
         progress(record(0))
         log.warning("epoch 0: val_loss 2.0")
         progress(record(1))
@@ -116,11 +108,23 @@ def test_step_output_calls_every_sink_and_closes_them_once():
     assert calls == [7, 7, "closed", "closed"]
 
 
-def test_tensorboard_only_where_asked_and_on_the_rank_that_writes_files(tmp_path):
+def test_rank_0_gets_the_console_and_tensorboard_where_asked_other_ranks_nothing(tmp_path, albor_lines):
     kinds = lambda out: [type(s).__name__ for s in out.sinks]  # noqa: E731
-    common = dict(rank=0, run_dir=tmp_path, total_steps=10, log_every=1)
-    assert kinds(StepOutput.for_run(writes_files=True, tensorboard=False, **common)) == ["ConsoleProgress"]
-    assert kinds(StepOutput.for_run(writes_files=False, tensorboard=True, **common)) == ["ConsoleProgress"]
+    common = dict(run_dir=tmp_path, total_steps=10, log_every=1)
+    assert kinds(StepOutput.for_run(rank=0, tensorboard=False, **common)) == ["ConsoleProgress"]
+    assert not (tmp_path / "tensorboard").exists()
+    out = StepOutput.for_run(rank=0, tensorboard=True, **common)
+    try:
+        assert kinds(out) == ["ConsoleProgress", "TensorBoardLog"]
+        assert (tmp_path / "tensorboard").is_dir()
+    finally:
+        out.close()
+    for tensorboard in (False, True):  # no console work (not even a dropped log line), no TensorBoard file
+        other = StepOutput.for_run(rank=1, tensorboard=tensorboard, **{**common, "run_dir": tmp_path / "r1"})
+        assert other.sinks == ()
+        other(record(0))
+        other.close()
+        assert albor_lines == [] and not (tmp_path / "r1").exists()
 
 
 def test_tensorboard_log_writes_the_records_scalars(tmp_path):
