@@ -3,7 +3,7 @@
 Everything is checked before anything is written: the flags, OUT_DIR, the
 epoch, the tokenizer, then the model file whole (albor.export.model_file).
 The directory is then built beside OUT_DIR and renamed into place
-(albor.data.staging.build_into): a failed export leaves nothing behind, and
+(albor.data.staging.publish): a failed export leaves nothing behind, and
 an OUT_DIR replaced with ``--force`` stays as it was until the new one is complete.
 """
 
@@ -13,15 +13,16 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from albor.data.staging import build_into, make_dirs, remove_dirs
+from albor.data.staging import publish
 from albor.data.tokenizer import Tokenizer, load_tokenizer
 from albor.errors import ConfigError, UsageErrorParser, run_command
 from albor.export.hf_files import write_hf_model
 from albor.export.model_file import ModelFile, choose_epoch, load_model_file
 from albor.export.run_tokenizer import check_tokenizer_fits, run_tokenizer
+from albor.resume_plan import CheckpointOnDisk
+from albor.run_files import finite_number
 
 PROG = "albor export"
 
@@ -58,12 +59,13 @@ class Exported:
     source: Path
     model: ModelFile
     tokenizer: Tokenizer
+    checkpoint: CheckpointOnDisk | None  # the run's epoch it came from; None for a model file given as it is
 
     def describe(self) -> str:
-        m = self.model
-        origin = f"epoch {m.epoch} of run {self.source}" if self.source.is_dir() else str(m.path)
-        if m.val_loss is not None:
-            origin += f", val_loss {m.val_loss:.4f}"
+        m, chosen = self.model, self.checkpoint
+        origin = str(m.path) if chosen is None else f"epoch {chosen.epoch} of run {self.source}"
+        if chosen is not None and finite_number(val_loss := chosen.metadata.get("val_loss")):
+            origin += f", val_loss {val_loss:.4f}"
         return (
             f"{self.out} ({origin}; {m.num_parameters() / 1e6:.2f}M parameters, {m.dtype_name}, "
             f"vocab {m.config.vocab_size}; tokenizer {self.tokenizer.directory})"
@@ -81,15 +83,14 @@ def export_hf(
     if source.is_dir():
         chosen = choose_epoch(source, epoch)
         tokenizer = run_tokenizer(source, chosen.metadata, tokenizer_dir)
-        apr_path, val_loss = chosen.apr_path, chosen.metadata.get("val_loss")
+        apr_path = chosen.apr_path
     else:
-        tokenizer = load_tokenizer(tokenizer_dir)
-        apr_path, val_loss = source, None
+        chosen, tokenizer, apr_path = None, load_tokenizer(tokenizer_dir), source
     _check_not_inside(out, [source, tokenizer.directory])
-    model = load_model_file(apr_path, val_loss=val_loss)
+    model = load_model_file(apr_path)
     check_tokenizer_fits(tokenizer, model.config)
-    _publish(out, lambda staging: write_hf_model(staging, model, tokenizer))
-    return Exported(out, source, model, tokenizer)
+    publish(out, lambda staging: write_hf_model(staging, model, tokenizer), flag="--hf")
+    return Exported(out, source, model, tokenizer, chosen)
 
 
 def _check_source(source: Path, epoch: int | None, tokenizer_dir: Path | None) -> None:
@@ -122,16 +123,6 @@ def _check_not_inside(out: Path, inputs: list[Path]) -> None:
     for path in inputs:
         if out.exists() and path.resolve().is_relative_to(out.resolve()):
             raise ConfigError(f"{path} lies inside --hf {out}, which the export replaces; choose another --hf")
-
-
-def _publish(out: Path, build: Callable[[Path], object]) -> None:
-    """Build the directory beside ``out`` and rename it into place; on failure nothing of it is left."""
-    created = make_dirs(out.parent)
-    try:
-        build_into(out, build)
-    except BaseException:
-        remove_dirs(created)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

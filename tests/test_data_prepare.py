@@ -335,7 +335,7 @@ def test_an_output_that_cannot_be_written_is_a_usage_error(tmp_path: Path, tok_d
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", kwargs.get("dir"))
 
-    monkeypatch.setattr("albor.data.prepare.tempfile.mkdtemp", refuse)  # root writes anywhere: simulate a read-only place
+    monkeypatch.setattr("albor.data.staging.tempfile.mkdtemp", refuse)  # root writes anywhere: simulate a read-only place
     out = tmp_path / "new" / "ds"
     assert main([str(tmp_path / "corpus"), "--tokenizer", str(tok_dir), "--output", str(out)]) == 2
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import pytest
 from tokenizers import ByteLevelBPETokenizer
 
 from albor.data.prepare import main as prepare
-from albor.data.resolve import cache_lock, resolve_dataset
+from albor.data.resolve import RunIndex, cache_lock, resolve_dataset, run_index
 from albor.data.shards import open_tokens, read_header
 from albor.data.tokenizer import EOS_TOKEN, load_tokenizer
 from albor.errors import AlborError, ConfigError, DataError, ExitCode
@@ -127,6 +127,19 @@ def test_resolve_raw_corpus_caches_once(tmp_path: Path, tok_dir: Path) -> None:
     assert any("rebuilding" in m for m in logs)
     assert "changed document\n" in decode_docs(p.parent, tok_dir)
     assert sorted(q.name for q in run.iterdir()) == ["data-cache"]
+
+
+def test_run_index_names_the_index_resolve_trains_on(tmp_path: Path, tok_dir: Path) -> None:
+    """The one rule albor export also follows to find a run's dataset (albor.export.run_tokenizer)."""
+    corpus = make_corpus(tmp_path / "corpus")
+    one_file = corpus / "sub" / "c.jsonl"  # a raw corpus of one file: a .jsonl is not an index
+    run = tmp_path / "run"
+    assert run_index(one_file, run) == RunIndex(run / "data-cache" / "index.json", cached=True)
+    assert resolve_dataset(one_file, tok_dir, run, log=print) == run_index(one_file, run).path
+    assert prepare([str(corpus), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "ds")]) == 0
+    for dataset in (tmp_path / "ds", tmp_path / "ds" / "index.json"):
+        assert run_index(dataset, run) == RunIndex(tmp_path / "ds" / "index.json", cached=False)
+        assert resolve_dataset(dataset, None, run, log=print) == run_index(dataset, run).path
 
 
 BAD_CORPORA = {

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from albor.apr import read_apr, write_apr
+from albor.data.resolve import resolve_dataset
 from albor.data.tokenizer import load_tokenizer
 from albor.distributed.checkpoint import apr_metadata
 from albor.errors import ConfigError
@@ -63,12 +64,24 @@ def load_hf(out: Path):
     return model, tok
 
 
-def albor_model(apr: Path, **changes) -> AlborLlama:
-    """albor's own model from the .apr; its config built here, independently of the export's mapping."""
-    meta, tensors = read_apr(apr)
-    model = AlborLlama(model_preset("tiny", vocab_size=meta["vocab_size"]).replace(**changes))
+def albor_model(apr: Path, cfg) -> AlborLlama:
+    """albor's own model of ``cfg`` (built by the test, independently of the export's mapping), from the .apr."""
+    _, tensors = read_apr(apr)
+    model = AlborLlama(cfg)
     load_hf_state_dict(model, tensors)
     return model.eval()
+
+
+def run_epochs(run) -> list[int]:
+    """The epochs the run wrote a model file for, in order."""
+    return sorted(int(p.name.removeprefix("epoch-").removesuffix(".apr")) for p in (run.run_dir / "ckpt").glob("epoch-*.apr"))
+
+
+def run_model(run, epoch: int) -> AlborLlama:
+    """The run's model at ``epoch``: the preset its metadata records, with its tokenizer's vocabulary."""
+    apr = run.run_dir / "ckpt" / f"epoch-{epoch:03d}.apr"
+    cfg = model_preset(run.metadata(epoch)["model"], vocab_size=read_apr(apr)[0]["vocab_size"])
+    return albor_model(apr, cfg)
 
 
 def albor_greedy(model: AlborLlama, ids: list[int], n: int, eos: int) -> list[int]:
@@ -92,8 +105,7 @@ def assert_same_model(hf, ours: AlborLlama, ids: list[int]) -> None:
 
 
 def best_epoch(run) -> int:
-    epochs = sorted(int(p.name[6:9]) for p in (run.run_dir / "ckpt").glob("epoch-*.apr"))
-    return min(epochs, key=lambda e: (run.metadata(e)["val_loss"], e))
+    return min(run_epochs(run), key=lambda e: (run.metadata(e)["val_loss"], e))
 
 
 def copy_run(run_dir: Path, dest: Path) -> Path:
@@ -120,7 +132,7 @@ def test_export_of_a_run_is_its_best_epoch_with_albors_logits(exported_run, fini
     apr = finished_dev_run.run_dir / "ckpt" / f"epoch-{best_epoch(finished_dev_run):03d}.apr"
     _, tensors = read_apr(apr)
     written = safetensors.torch.load_file(exported_run / "model.safetensors")
-    assert set(written) == set(tensors)  # the tied head is left out, as save_pretrained does
+    assert set(written) == set(tensors) and "lm_head.weight" not in written  # tied: left out, as save_pretrained does
     for name, t in tensors.items():
         assert written[name].dtype == torch.float32 and torch.equal(written[name], t), name
 
@@ -129,7 +141,7 @@ def test_export_of_a_run_is_its_best_epoch_with_albors_logits(exported_run, fini
     albor_tok = load_tokenizer(builtin_dataset / "tokenizer")
     assert hf.config.eos_token_id == hf.config.bos_token_id == albor_tok.eos_id
     assert hf.generation_config.eos_token_id == albor_tok.eos_id
-    assert_same_model(hf, albor_model(apr), albor_tok.encode_batch([SNIPPET])[0])
+    assert_same_model(hf, run_model(finished_dev_run, best_epoch(finished_dev_run)), albor_tok.encode_batch([SNIPPET])[0])
 
 
 def test_exported_tokenizer_gives_albors_ids(exported_run, builtin_dataset):
@@ -149,7 +161,7 @@ def test_exported_tokenizer_gives_albors_ids(exported_run, builtin_dataset):
 
 def test_greedy_decoding_gives_albors_tokens(exported_run, finished_dev_run):
     hf, tok = load_hf(exported_run)
-    ours = albor_model(finished_dev_run.run_dir / "ckpt" / f"epoch-{best_epoch(finished_dev_run):03d}.apr")
+    ours = run_model(finished_dev_run, best_epoch(finished_dev_run))
     enc = tok(PROMPT, return_tensors="pt")
     with torch.no_grad():
         out = hf.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -158,7 +170,7 @@ def test_greedy_decoding_gives_albors_tokens(exported_run, finished_dev_run):
 
 
 def test_epoch_flag_exports_that_epoch(finished_dev_run, tmp_path, capsys):
-    other = next(e for e in range(3) if e != best_epoch(finished_dev_run))
+    other = next(e for e in run_epochs(finished_dev_run) if e != best_epoch(finished_dev_run))
     code, out, err = run_export(capsys, "--hf", tmp_path / "hf", "--epoch", other, finished_dev_run.run_dir)
     assert code == 0, err
     assert f"epoch {other} of run" in out
@@ -191,11 +203,14 @@ def test_best_epoch_is_the_lowest_val_loss_with_a_model_file(tmp_path):
 # ---- a bare .apr ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def random_apr(tmp_path, builtin_dataset) -> Path:
-    """A random model of the tiny shape with a rope theta and eps that are not transformers' defaults."""
+def random_config(builtin_dataset: Path):
+    """The tiny shape with a rope theta and eps that are not transformers' defaults."""
     vocab = load_tokenizer(builtin_dataset / "tokenizer").vocab_size
-    cfg = model_preset("tiny", vocab_size=vocab).replace(rope_theta=500000.0, rms_norm_eps=1e-6)
+    return model_preset("tiny", vocab_size=vocab).replace(rope_theta=500000.0, rms_norm_eps=1e-6)
+
+
+def random_model(cfg) -> AlborLlama:
+    """A random model of ``cfg`` whose greedy tokens tell positions apart."""
     torch.manual_seed(0)
     model = AlborLlama(cfg)
     with torch.no_grad():
@@ -206,8 +221,14 @@ def random_apr(tmp_path, builtin_dataset) -> Path:
                 # Layers that outweigh the residual stream: with tied embeddings a random model otherwise
                 # repeats its last token, and greedy decoding would not tell positions apart.
                 p.mul_(5.0)
+    return model
+
+
+@pytest.fixture
+def random_apr(tmp_path, builtin_dataset) -> Path:
+    cfg = random_config(builtin_dataset)
     path = tmp_path / "model.apr"
-    write_apr(path, to_hf_state_dict(model), apr_metadata(cfg, {"epoch": 5}))
+    write_apr(path, to_hf_state_dict(random_model(cfg)), apr_metadata(cfg, {"epoch": 5}))
     return path
 
 
@@ -215,13 +236,29 @@ def test_bare_apr_with_tokenizer_keeps_its_architecture(random_apr, builtin_data
     code, _, err = run_export(capsys, "--hf", tmp_path / "hf", "--tokenizer", builtin_dataset / "tokenizer", random_apr)
     assert code == 0, err
     hf, tok = load_hf(tmp_path / "hf")
-    ours = albor_model(random_apr, rope_theta=500000.0, rms_norm_eps=1e-6)
+    ours = albor_model(random_apr, random_config(builtin_dataset))
     ids = tok(SNIPPET)["input_ids"]
     assert_same_model(hf, ours, ids)
     with torch.no_grad():
         got = hf.generate(torch.tensor([ids[:20]]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, 20:].tolist()
     want = albor_greedy(ours, ids[:20], NEW_TOKENS, tok.eos_token_id)
     assert got == want and len(set(want)) > 1  # varied tokens: positions and the cache are really exercised
+
+
+def test_an_apr_holding_the_tied_head_exports_without_it(builtin_dataset, tmp_path, capsys):
+    cfg = random_config(builtin_dataset)
+    model = random_model(cfg)
+    with_head = to_hf_state_dict(model, include_tied_head=True)
+    assert "lm_head.weight" in with_head
+    write_apr(tmp_path / "model.apr", with_head, apr_metadata(cfg, {"epoch": 0}))
+    code, _, err = run_export(capsys, "--hf", tmp_path / "hf", "--tokenizer", builtin_dataset / "tokenizer",
+                              tmp_path / "model.apr")
+    assert code == 0, err
+    written = safetensors.torch.load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(written) == set(with_head) - {"lm_head.weight"}
+    hf, tok = load_hf(tmp_path / "hf")
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight  # tied again on load, as save_pretrained expects
+    assert_same_model(hf, model.eval(), tok(SNIPPET)["input_ids"])
 
 
 def test_bare_apr_without_tokenizer_is_refused(random_apr, tmp_path, capsys):
@@ -310,9 +347,11 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path, builtin_dataset, c
 
 
 def test_missing_epoch_is_refused_naming_the_epochs(finished_dev_run, tmp_path, capsys):
-    code, _, err = run_export(capsys, "--hf", tmp_path / "hf", "--epoch", 7, finished_dev_run.run_dir)
+    epochs = run_epochs(finished_dev_run)
+    missing = max(epochs) + 1
+    code, _, err = run_export(capsys, "--hf", tmp_path / "hf", "--epoch", missing, finished_dev_run.run_dir)
     assert code == 2
-    assert_one_error_line(err, "--epoch 7", "0, 1, 2")
+    assert_one_error_line(err, f"--epoch {missing}", f"one of the epochs it has: {', '.join(map(str, epochs))}")
     assert_nothing_left(tmp_path, "hf")
 
 
@@ -328,15 +367,66 @@ def test_damaged_apr_in_a_run_is_refused(finished_dev_run, tmp_path, capsys):
     assert_nothing_left(tmp_path, "hf")
 
 
+def one_merge_fewer(tokenizer_dir: Path) -> None:
+    """Edit the tokenizer in place: another tokenizer under the same path."""
+    merges = (tokenizer_dir / "merges.txt").read_text().splitlines(keepends=True)
+    (tokenizer_dir / "merges.txt").write_text("".join(merges[:-1]))
+
+
 def test_another_tokenizer_than_the_runs_is_refused(finished_dev_run, builtin_dataset, tmp_path, capsys):
     other = tmp_path / "tok"
     shutil.copytree(builtin_dataset / "tokenizer", other)
-    merges = (other / "merges.txt").read_text().splitlines(keepends=True)
-    (other / "merges.txt").write_text("".join(merges[:-1]))  # one merge fewer: another tokenizer
+    one_merge_fewer(other)
     code, _, err = run_export(capsys, "--hf", tmp_path / "hf", "--tokenizer", other, finished_dev_run.run_dir)
     assert code == 3
     assert_one_error_line(err, f"--tokenizer {other}", "is not the tokenizer run")
     assert_nothing_left(tmp_path, "hf")
+
+
+def test_a_run_whose_datasets_tokenizer_changed_is_refused(finished_dev_run, builtin_dataset, tmp_path, capsys):
+    run = copy_run(finished_dev_run.run_dir, tmp_path / "run")
+    data = tmp_path / "data"  # the run's dataset as it is (its index is all the export reads), with its tokenizer
+    shutil.copytree(builtin_dataset / "tokenizer", data / "tokenizer")
+    shutil.copy(builtin_dataset / "index.json", data / "index.json")
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace(str(builtin_dataset), str(data)))
+    code, _, err = run_export(capsys, "--hf", tmp_path / "hf", run)
+    assert code == 0, err  # the copy alone changes nothing
+
+    one_merge_fewer(data / "tokenizer")
+    code, _, err = run_export(capsys, "--hf", tmp_path / "hf2", run)
+    assert code == 3
+    assert_one_error_line(err, f"tokenizer {data / 'tokenizer'}", "is not the tokenizer run", "its files changed since")
+    assert_nothing_left(tmp_path, "hf2")
+
+
+def test_a_run_on_a_raw_file_checks_the_tokenizer_its_data_cache_records(builtin_dataset, tmp_path, capsys):
+    """``--dataset corpus.jsonl``: the run's index is RUN_DIR/data-cache/index.json, as in training."""
+    tok = tmp_path / "tok"
+    shutil.copytree(builtin_dataset / "tokenizer", tok)
+    corpus = tmp_path / "corpus.jsonl"  # one file, many documents (a .txt file is one)
+    corpus.write_text("".join(json.dumps({"text": SNIPPET.replace("fib", f"fib{i}")}) + "\n" for i in range(40)))
+    run = tmp_path / "run"
+    # A run made by hand: what `albor pretrain --dataset corpus.txt --tokenizer tok` leaves that the export reads.
+    index_path = resolve_dataset(corpus, tok, run, log=lambda line: None)  # the run's own tokenizing, for real
+    assert index_path == run / "data-cache" / "index.json"
+    index = json.loads(index_path.read_text())
+    (run / "config.yaml").write_text(f"dataset: {corpus}\ntokenizer: {tok}\nmodel: tiny\n")
+    (run / "ckpt").mkdir()
+    marker = epoch_marker(0, 2.0)
+    marker["run"]["dataset_fingerprint"] = marker["dataset_fingerprint"] = index["fingerprint"]
+    (run / "ckpt" / "epoch-000.metadata.json").write_text(json.dumps(marker))
+    cfg = model_preset("tiny", vocab_size=index["vocab_size"])
+    write_apr(run / "ckpt" / "epoch-000.apr", to_hf_state_dict(AlborLlama(cfg)), apr_metadata(cfg, {"epoch": 0}))
+    code, out, err = run_export(capsys, "--hf", tmp_path / "hf", run)
+    assert code == 0, err
+    assert f"tokenizer {tok})" in out
+
+    one_merge_fewer(tok)
+    code, _, err = run_export(capsys, "--hf", tmp_path / "hf2", run)
+    assert code == 3
+    assert_one_error_line(err, f"tokenizer {tok}", f"recorded in {index_path}", "its files changed since")
+    assert_nothing_left(tmp_path, "hf2")
 
 
 @pytest.mark.parametrize("dataset", ["gone", "remade"])

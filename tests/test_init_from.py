@@ -70,3 +70,12 @@ def test_a_missing_tensor_is_refused(trained_file):
     write_apr(path, tensors, model_file_metadata(cfg))
     with pytest.raises(ConfigError, match="model.norm.weight"):
         read_model_file(path, cfg, model_name="tiny")
+
+
+def test_a_file_of_no_architecture_albor_builds_is_refused_as_usage(trained_file):
+    """Exit 2 like any file that is not the run's --model (albor export, with no run to compare, says 3)."""
+    path, source, cfg = trained_file
+    write_apr(path, to_hf_state_dict(source), {**model_file_metadata(cfg), "architecture": "gpt2"})
+    with pytest.raises(ConfigError, match=r"'gpt2', not 'llama'") as e:
+        read_model_file(path, cfg, model_name="tiny")
+    assert e.value.exit_code == 2 and str(path) in str(e.value) and "\n" not in str(e.value)

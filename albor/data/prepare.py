@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from albor.data.builtin import BUILTIN_VAL_FRACTION, BUILTINS, DEFAULT_MAX_BYTES
 from albor.data.builtin import check_builtin_args, prepare_builtin
 from albor.data.corpus import describe, find_corpus_files
 from albor.data.shards import DEFAULT_SHARD_TOKENS, INDEX_NAME
-from albor.data.staging import build_into, make_dirs, remove_dirs
+from albor.data.staging import publish
 from albor.data.tokenizer import load_tokenizer
 from albor.data.tokenizing import DEFAULT_VAL_FRACTION, prepare_corpus
 from albor.errors import ConfigError, run_command
@@ -96,26 +95,9 @@ def _check_output(output: Path, keep_out: list[Path]) -> None:
 def _write_dataset(output: Path, build: Callable[[Path], object]) -> Path:
     """Build the dataset beside ``output`` and swap it in; on failure nothing is left behind.
 
-    ``output`` and the directories created for it stay as they were: an earlier
-    dataset stays usable, and a new path does not appear.
+    An earlier dataset at ``output`` stays usable until the new one is complete.
     """
-    try:
-        created = make_dirs(output.parent)
-    except OSError as e:
-        raise ConfigError(
-            f"--output {output} cannot be created ({e.strerror or e}); choose a directory you can write"
-        ) from None
-    try:
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=output.parent))
-        except OSError as e:
-            raise ConfigError(
-                f"--output {output}: cannot write in {output.parent} ({e.strerror or e}); choose a directory you can write"
-            ) from None
-        build_into(output, build)
-    except BaseException:
-        remove_dirs(created)
-        raise
+    publish(output, build, flag="--output")
     return output / INDEX_NAME
 
 

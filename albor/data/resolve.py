@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from albor.data.corpus import find_corpus_files
 from albor.data.shards import FORMAT_VERSION, INDEX_NAME, read_index
@@ -102,12 +103,27 @@ def _cached_fingerprint(index_path: Path) -> str | None:
         return None
 
 
-def _prepared_index(dataset: Path) -> Path | None:
-    if dataset.is_file() and dataset.suffix == ".json":  # an index, maybe renamed; opening validates it
-        return dataset
+class RunIndex(NamedTuple):
+    """Where the index.json a run trains on is."""
+
+    path: Path  # for a raw corpus, it may not be there yet: the run tokenizes it first
+    cached: bool  # True: a raw corpus, tokenized by the run itself into path.parent ({run_dir}/data-cache)
+
+
+def run_index(dataset: Path, run_dir: Path) -> RunIndex:
+    """The index.json of a run's ``--dataset``, by the rule training uses (:func:`resolve_dataset`), exporting too.
+
+    A prepared dataset's own: ``dataset`` itself when it is a .json file (an
+    index, maybe renamed; opening it validates it), or the index.json of a
+    directory holding one. Anything else is a raw corpus, tokenized into
+    ``{run_dir}/data-cache/`` (or not there at all).
+    """
+    dataset = Path(dataset)
+    if dataset.is_file() and dataset.suffix == ".json":
+        return RunIndex(dataset, cached=False)
     if dataset.is_dir() and (dataset / INDEX_NAME).is_file():
-        return dataset / INDEX_NAME
-    return None
+        return RunIndex(dataset / INDEX_NAME, cached=False)
+    return RunIndex(Path(run_dir) / CACHE_DIR / INDEX_NAME, cached=True)
 
 
 def resolve_dataset(
@@ -118,8 +134,8 @@ def resolve_dataset(
     With a prepared dataset, a ``tokenizer_dir`` must be the tokenizer the dataset was made with.
     """
     dataset, run_dir = Path(dataset), Path(run_dir)
-    index_path = _prepared_index(dataset)
-    if index_path is not None:
+    index_path, cached = run_index(dataset, run_dir)
+    if not cached:
         if tokenizer_dir is not None:
             check_tokenizer_matches(load_tokenizer(tokenizer_dir), index_path, read_index(index_path))
         return index_path
@@ -142,7 +158,7 @@ def resolve_dataset(
     tokenizer = load_tokenizer(tokenizer_dir)
     fingerprint = corpus_fingerprint(files, tokenizer.sha256, DEFAULT_VAL_FRACTION)
     with cache_lock(run_dir):
-        return _tokenized_cache(dataset, files, tokenizer, fingerprint, run_dir / CACHE_DIR, log)
+        return _tokenized_cache(dataset, files, tokenizer, fingerprint, index_path.parent, log)
 
 
 def _tokenized_cache(

@@ -1,7 +1,7 @@
 """All-or-nothing dataset directories: build beside the target, then swap it in.
 
-Used by ``albor prepare-data`` for ``--output`` and by a run for its
-raw-corpus cache. A failure at any point leaves the target as it was, and
+Used by ``albor prepare-data`` for ``--output``, by ``albor export`` for
+``--hf`` (both through :func:`publish`) and by a run for its raw-corpus cache. A failure at any point leaves the target as it was, and
 removes again the directories that were created on the way to it.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from albor.atomic_files import current_umask
+from albor.errors import ConfigError
 
 
 def make_dirs(path: Path) -> list[Path]:
@@ -74,3 +75,29 @@ def build_into(output: Path, build: Callable[[Path], Any]) -> None:
             os.replace(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(output: Path, build: Callable[[Path], Any], *, flag: str) -> None:
+    """:func:`build_into` ``output``, making its parent directories first; on failure, the ones made go again.
+
+    So ``output``, and the path to it, stay as they were: an earlier one stays
+    usable, and a new path does not appear. A parent that cannot be made or
+    written in is a ConfigError naming ``flag`` (the option that named ``output``).
+    """
+    try:
+        created = make_dirs(output.parent)
+    except OSError as e:
+        raise ConfigError(
+            f"{flag} {output} cannot be created ({e.strerror or e}); choose a directory you can write"
+        ) from None
+    try:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=output.parent))
+        except OSError as e:
+            raise ConfigError(
+                f"{flag} {output}: cannot write in {output.parent} ({e.strerror or e}); choose a directory you can write"
+            ) from None
+        build_into(output, build)
+    except BaseException:
+        remove_dirs(created)
+        raise

@@ -13,10 +13,13 @@ Two tokenizers are compared, when they are there:
   on another vocabulary than the one they believe.
 
 A raw corpus is tokenized with ``--tokenizer`` itself, so it matches by construction.
+``albor export`` checks the tokenizer it writes out against the run's dataset
+the same way (albor.export.run_tokenizer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from albor.errors import DataError
 _REGENERATE_DATASET = "regenerate the dataset with `albor prepare-data`"
 
 
-def shipped_tokenizer_dir(index_path: Path, index: dict[str, Any]) -> Path | None:
+def shipped_tokenizer_dir(index_path: Path, index: Mapping[str, Any]) -> Path | None:
     """The tokenizer directory inside the dataset that the index names, if it names one and it exists."""
     name = index.get("tokenizer")
     if not isinstance(name, str) or not name or Path(name).is_absolute():
@@ -38,7 +41,20 @@ def shipped_tokenizer_dir(index_path: Path, index: dict[str, Any]) -> Path | Non
     return index_path.parent / name
 
 
-def check_shipped_tokenizer(index_path: Path, index: dict[str, Any]) -> None:
+def index_tokenizer_dir(index_path: Path, index: Mapping[str, Any]) -> Path | None:
+    """The tokenizer directory the index names, if it is there: the one it ships, or the absolute path it records.
+
+    ``prepare-data --builtin`` ships its tokenizer inside the dataset;
+    ``prepare-data --tokenizer`` and a run's raw-corpus cache record the
+    tokenizer's absolute path.
+    """
+    name = index.get("tokenizer")
+    if isinstance(name, str) and Path(name).is_absolute():
+        return Path(name) if Path(name).is_dir() else None
+    return shipped_tokenizer_dir(index_path, index)
+
+
+def check_shipped_tokenizer(index_path: Path, index: Mapping[str, Any]) -> None:
     """DataError when the tokenizer inside the dataset is not the one its tokens were made with."""
     directory = shipped_tokenizer_dir(index_path, index)
     if directory is None:
@@ -58,12 +74,25 @@ def check_shipped_tokenizer(index_path: Path, index: dict[str, Any]) -> None:
         )
 
 
-def check_tokenizer_matches(tokenizer: Tokenizer, index_path: Path, index: dict[str, Any]) -> None:
-    """DataError when ``--tokenizer`` is not the tokenizer the prepared dataset was made with."""
+def check_tokenizer_matches(
+    tokenizer: Tokenizer,
+    index_path: Path,
+    index: Mapping[str, Any],
+    *,
+    named: str = "--tokenizer",
+    made: str = "this dataset was made with",
+    fix: str = "pass that tokenizer, drop --tokenizer (a prepared dataset needs none), or re-run `albor prepare-data` "
+    "with this one",
+) -> None:
+    """DataError when ``tokenizer`` is not the one the dataset was made with (its index's ``tokenizer_sha256``).
+
+    The message reads "{named} DIR (sha256 ...) is not the tokenizer {made}
+    (sha256 ..., recorded in INDEX); {fix}"; by default, training's: ``--tokenizer``
+    passed with a prepared dataset.
+    """
     expected = index["tokenizer_sha256"]
     if tokenizer.sha256 != expected:
         raise DataError(
-            f"--tokenizer {tokenizer.directory} (sha256 {tokenizer.sha256}) is not the tokenizer dataset "
-            f"{index_path} was made with (sha256 {expected}); pass that tokenizer, drop --tokenizer (a prepared "
-            "dataset needs none), or re-run `albor prepare-data` with this one"
+            f"{named} {tokenizer.directory} (sha256 {tokenizer.sha256}) is not the tokenizer {made} (sha256 "
+            f"{expected}, recorded in {index_path}); {fix}"
         )

@@ -49,6 +49,7 @@ from albor.distributed.process_group import DistEnv
 from albor.errors import DataError
 from albor.loop import CheckpointError
 from albor.model import ModelConfig, to_hf_state_dict
+from albor.model.config import to_apr_metadata
 from albor.resume_plan import rank_state_path
 
 log = logging.getLogger("albor")
@@ -61,21 +62,8 @@ RANK_STATE_FORMAT = "albor-rank-state-v1"
 
 
 def apr_metadata(cfg: ModelConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "architecture": "llama",
-        "hidden_size": cfg.hidden_size,
-        "num_layers": cfg.num_layers,
-        "num_heads": cfg.num_heads,
-        "num_kv_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "intermediate_size": cfg.intermediate_size,
-        "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        **extra,
-    }
+    """An epoch's ``.apr`` metadata: the architecture (albor.model.config.to_apr_metadata), then ``extra``."""
+    return {**to_apr_metadata(cfg), **extra}
 
 
 # --- the fp32 master weights ------------------------------------------------------------

@@ -6,9 +6,10 @@ reads back) whose ``.apr`` is still there. The earliest wins a tie, as the
 training loop's own ``best`` does (albor.loop: a later epoch must be strictly lower).
 
 The file is checked before anything is written: magic, version, header and
-footer CRC (albor.apr.read_apr), the architecture its metadata records, and
-every tensor's name and shape against that architecture
-(albor.model.load_hf_state_dict), its dtype and its values.
+footer CRC (albor.apr.read_apr), the architecture its metadata records
+(albor.model.config.from_apr_metadata), every tensor's name and shape against
+that architecture (:func:`model_tensors`, which ``--init-from`` uses too:
+albor.init_from), its dtype and its values.
 """
 
 from __future__ import annotations
@@ -17,18 +18,15 @@ import dataclasses
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from albor.apr import read_apr
 from albor.errors import ConfigError, DataError
 from albor.model import AlborLlama, ModelConfig, load_hf_state_dict, to_hf_state_dict
+from albor.model.config import from_apr_metadata
 from albor.resume_plan import CheckpointOnDisk, best_epoch, scan_checkpoints
 
-# ModelConfig field -> its .apr metadata key, where the checkpoint writer
-# (albor.distributed.checkpoint.apr_metadata) uses Hugging Face's name instead.
-_APR_KEYS = {"tie_embeddings": "tie_word_embeddings"}
 _FROM_A_RUN = "export a .apr that albor's training wrote (RUN_DIR/ckpt/epoch-NNN.apr), or the run directory itself"
 
 
@@ -40,7 +38,6 @@ class ModelFile:
     config: ModelConfig
     weights: dict[str, torch.Tensor]  # the tied lm_head.weight left out, as HF's save_pretrained does
     epoch: int | None  # the epoch its metadata records, if any
-    val_loss: float | None  # the epoch's val_loss when the file came from a run
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,36 +81,39 @@ def choose_epoch(run_dir: Path, epoch: int | None) -> CheckpointOnDisk:
     return best
 
 
-def model_config_from_metadata(path: Path, metadata: Mapping[str, Any]) -> ModelConfig:
-    """The architecture a ``.apr``'s metadata records; DataError when it records none albor can build."""
-    if metadata.get("architecture") != "llama":
-        raise DataError(f"{path}: its metadata names architecture {metadata.get('architecture')!r}, not 'llama'; "
-                        + _FROM_A_RUN)
-    keys = {f.name: _APR_KEYS.get(f.name, f.name) for f in dataclasses.fields(ModelConfig)}
-    missing = [key for key in keys.values() if key not in metadata]
-    if missing:
-        raise DataError(f"{path}: its metadata lacks {', '.join(missing)}; " + _FROM_A_RUN)
-    try:
-        return ModelConfig(**{name: metadata[key] for name, key in keys.items()})
-    except ConfigError as e:
-        raise DataError(f"{path}: its metadata describes no valid model ({e}); " + _FROM_A_RUN) from None
+def model_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own tensors of ``tensors``, once each name and shape is checked against a model of ``cfg``.
 
-
-def load_model_file(path: Path, *, val_loss: float | None = None) -> ModelFile:
-    """Read ``path`` and check all of it; DataError (exit 3) naming the first problem."""
-    path = Path(path)
-    metadata, tensors = read_apr(path)  # magic, version, both CRCs, layout
-    cfg = model_config_from_metadata(path, metadata)
-    with torch.device("meta"):  # shapes only: costs no memory
+    The names are albor.model.to_hf_state_dict's, those save_pretrained writes: a
+    tied ``lm_head.weight`` is left out (it must equal the embedding; HF ties it
+    again on load). The model is built on the meta device, which costs no
+    memory. ConfigError (albor.model.load_hf_state_dict's) naming what does not fit.
+    """
+    with torch.device("meta"):
         shape_check = AlborLlama(cfg)
     with warnings.catch_warnings():  # copying into meta tensors is a no-op by design here, and torch says so
         warnings.simplefilter("ignore", UserWarning)
-        try:
-            load_hf_state_dict(shape_check, tensors)  # names, shapes, a tied head equal to the embedding
-        except ConfigError as e:
-            raise DataError(f"{path}: its tensors do not fit the architecture its metadata records: {e}") from None
-    # Only the model's own tensors, under the names save_pretrained writes (HF re-ties the head on load).
-    weights = {name: tensors[name] for name in to_hf_state_dict(shape_check)}
+        load_hf_state_dict(shape_check, tensors)  # names, shapes, a tied head equal to the embedding
+    return {name: tensors[name] for name in to_hf_state_dict(shape_check)}
+
+
+def load_model_file(path: Path) -> ModelFile:
+    """Read ``path`` and check all of it; DataError (exit 3) naming the first problem.
+
+    Everything here is about the file alone (there is no run's model to compare
+    it with, as ``--init-from`` has), so a file that does not fit the
+    architecture it records is a damaged or foreign file: exit 3.
+    """
+    path = Path(path)
+    metadata, tensors = read_apr(path)  # magic, version, both CRCs, layout
+    try:
+        cfg = from_apr_metadata(metadata)
+    except ConfigError as e:
+        raise DataError(f"{path}: {e}; {_FROM_A_RUN}") from None
+    try:
+        weights = model_tensors(cfg, tensors)
+    except ConfigError as e:
+        raise DataError(f"{path}: its tensors do not fit the architecture its metadata records: {e}") from None
     dtypes = {t.dtype for t in weights.values()}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
         raise DataError(f"{path}: its weights have dtypes {sorted(map(str, dtypes))}; an export needs one floating "
@@ -122,4 +122,4 @@ def load_model_file(path: Path, *, val_loss: float | None = None) -> ModelFile:
         if not torch.isfinite(t).all():
             raise DataError(f"{path}: tensor {name} holds NaN or Inf; export an earlier epoch (--epoch N)")
     epoch = metadata.get("epoch")
-    return ModelFile(path, cfg, weights, epoch if isinstance(epoch, int) else None, val_loss)
+    return ModelFile(path, cfg, weights, epoch if isinstance(epoch, int) else None)

@@ -1,14 +1,17 @@
 """The tokenizer a run was trained with: found from what the run recorded, then checked.
 
 A run's ``config.yaml`` names its dataset, and its tokenizer when one was
-passed (a raw corpus needs one). The dataset's ``index.json`` names the
+passed (a raw corpus needs one). Its ``index.json`` is found by the rule the
+run itself followed (albor.data.resolve.run_index): a prepared dataset's own,
+or the raw corpus's tokenized cache ``RUN_DIR/data-cache/``. It names the
 tokenizer it was made with (``prepare-data --builtin`` ships it inside the
 dataset as ``tokenizer/``; ``prepare-data --tokenizer`` and a run's raw-corpus
 cache ``RUN_DIR/data-cache/`` record its absolute path), and that tokenizer's
 sha256. The epoch's metadata records the dataset's fingerprint, which ties the
 index to the run: only an index with that fingerprint vouches for a tokenizer.
 A tokenizer that hashes otherwise is refused (exit 3): it would turn the
-model's ids into other text than the text it was trained on.
+model's ids into other text than the text it was trained on
+(albor.data.tokenizer_match, the check training makes of ``--tokenizer``).
 """
 
 from __future__ import annotations
@@ -18,15 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from albor.config import read_yaml
-from albor.data.resolve import CACHE_DIR
-from albor.data.shards import INDEX_NAME, read_index
-from albor.data.shards import index_path as dataset_index_path
+from albor.data.resolve import run_index
+from albor.data.shards import read_index
 from albor.data.tokenizer import Tokenizer, load_tokenizer
-from albor.data.tokenizer_match import shipped_tokenizer_dir
+from albor.data.tokenizer_match import check_tokenizer_matches, index_tokenizer_dir
 from albor.errors import AlborError, ConfigError, DataError
 from albor.model import ModelConfig
 from albor.run_files import CONFIG_FILE
-
 
 
 def run_tokenizer(run_dir: Path, checkpoint_metadata: Mapping[str, Any], given: Path | None) -> Tokenizer:
@@ -35,25 +36,22 @@ def run_tokenizer(run_dir: Path, checkpoint_metadata: Mapping[str, Any], given: 
     index_path, index = None, None
     if config is not None:
         index_path, index, why_not = _run_index(run_dir, config, checkpoint_metadata.get("dataset_fingerprint"))
-    directory = given or _recorded_path(config, "tokenizer") or _index_tokenizer(index_path, index)
+    found = None if index_path is None or index is None else index_tokenizer_dir(index_path, index)
+    directory = given or _recorded_path(config, "tokenizer") or found
     if directory is None:
         why_not = why_not or f"its dataset {index_path} names no tokenizer directory that is still there"
         raise ConfigError(
             f"cannot find the tokenizer run {run_dir} was trained with ({why_not}); pass --tokenizer DIR "
             "(the directory with its vocab.json and merges.txt)"
         )
-    tokenizer = load_tokenizer(directory)
-    if index is not None and tokenizer.sha256 != index["tokenizer_sha256"]:
-        expected = index["tokenizer_sha256"]
+    tokenizer = load_tokenizer(directory)  # hashed once, here
+    if index_path is not None and index is not None:
+        made = f"run {run_dir} was trained with"
         if given is not None:
-            raise DataError(
-                f"--tokenizer {given} (sha256 {tokenizer.sha256}) is not the tokenizer run {run_dir} was trained "
-                f"with (sha256 {expected}, recorded in {index_path}); pass that one, or drop --tokenizer"
-            )
-        raise DataError(
-            f"tokenizer {directory} has sha256 {tokenizer.sha256}, but run {run_dir} was trained with sha256 "
-            f"{expected} (recorded in {index_path}): its files changed since; restore them, or pass --tokenizer DIR"
-        )
+            check_tokenizer_matches(tokenizer, index_path, index, made=made, fix="pass that one, or drop --tokenizer")
+        else:
+            check_tokenizer_matches(tokenizer, index_path, index, named="tokenizer", made=made,
+                                    fix="its files changed since: restore them, or pass --tokenizer DIR")
     return tokenizer
 
 
@@ -87,10 +85,12 @@ def _run_index(
 ) -> tuple[Path | None, dict[str, Any] | None, str]:
     """(index.json of the run's dataset, its contents, "") when it is still the run's; else (None, None, why)."""
     dataset = _recorded_path(config, "dataset")
-    candidates = [dataset_index_path(dataset)] if dataset is not None else []
-    candidates.append(run_dir / CACHE_DIR / INDEX_NAME)  # a raw corpus, tokenized by the run itself
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
+    if dataset is None:
+        return None, None, f"its {CONFIG_FILE} names no dataset"
+    path, cached = run_index(dataset, run_dir)  # the rule the run itself followed
+    if not path.is_file():
+        if cached and dataset.exists():
+            return None, None, f"its raw corpus {dataset} was tokenized into {path.parent}, which is gone"
         return None, None, f"its dataset {dataset} (from {CONFIG_FILE}) is not there"
     try:
         index = read_index(path)
@@ -99,13 +99,3 @@ def _run_index(
     if fingerprint is not None and index["fingerprint"] != fingerprint:
         return None, None, f"dataset {path} is no longer the one the run trained on (its fingerprint changed)"
     return path, index, ""
-
-
-def _index_tokenizer(index_path: Path | None, index: Mapping[str, Any] | None) -> Path | None:
-    """The tokenizer directory the index names, if it is there."""
-    if index_path is None or index is None:
-        return None
-    name = index.get("tokenizer")
-    if isinstance(name, str) and Path(name).is_absolute():
-        return Path(name) if Path(name).is_dir() else None
-    return shipped_tokenizer_dir(index_path, dict(index))

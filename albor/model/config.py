@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from albor.errors import ConfigError
@@ -133,3 +134,38 @@ def model_preset(name: str, vocab_size: int | None = None) -> ModelConfig:
     if vocab_size is not None:
         cfg = cfg.replace(vocab_size=vocab_size)
     return cfg
+
+
+# --- the architecture an .apr model file records ------------------------------------------
+
+APR_ARCHITECTURE = "llama"
+# ModelConfig field -> its .apr metadata key, where the file uses Hugging Face's name instead.
+_APR_KEYS = {"tie_embeddings": "tie_word_embeddings"}
+
+
+def to_apr_metadata(cfg: ModelConfig) -> dict[str, object]:
+    """The architecture as an ``.apr``'s metadata records it (albor.distributed.checkpoint writes it)."""
+    return {
+        "architecture": APR_ARCHITECTURE,
+        **{_APR_KEYS.get(f.name, f.name): getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)},
+    }
+
+
+def from_apr_metadata(metadata: Mapping[str, object]) -> ModelConfig:
+    """The architecture an ``.apr``'s metadata records; ConfigError saying why when it records none albor builds.
+
+    The message speaks of "its metadata": the caller names the file, and picks
+    the exit code (a file given to --init-from, or one to export).
+    """
+    if metadata.get("architecture") != APR_ARCHITECTURE:
+        raise ConfigError(
+            f"its metadata names architecture {metadata.get('architecture')!r}, not {APR_ARCHITECTURE!r}"
+        )
+    keys = {f.name: _APR_KEYS.get(f.name, f.name) for f in dataclasses.fields(ModelConfig)}
+    missing = [key for key in keys.values() if key not in metadata]
+    if missing:
+        raise ConfigError(f"its metadata lacks {', '.join(missing)}")
+    try:
+        return ModelConfig(**{name: metadata[key] for name, key in keys.items()})  # type: ignore[arg-type]
+    except ConfigError as e:
+        raise ConfigError(f"its metadata describes no valid model ({e})") from None
