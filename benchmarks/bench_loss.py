@@ -4,9 +4,10 @@ The baseline is today's path: ``lm_head`` over the whole batch, then
 ``token_loss`` (float32 cross-entropy of the (B, T, V) logits). Each variant
 runs in its own subprocess so that one's freed memory cannot hide the other's
 peak: on CPU the peak is the growth of the process's max RSS (getrusage) over
-its RSS once the inputs exist; on a GPU it is torch.cuda.max_memory_allocated
-over the same starting point. Both include the weight's and the hidden
-states' gradients, which every variant must produce.
+its RSS once the inputs exist, before the warm-up step; on a GPU it is
+torch.cuda.max_memory_allocated over the same starting point. Both include the
+weight's and the hidden states' gradients, which every variant must produce.
+The time is the timed steps' alone, after the warm-up.
 
     python benchmarks/bench_loss.py                     # vocab 50257, 4 x 1024 tokens, hidden 1024, fp32 CPU
     python benchmarks/bench_loss.py --device cuda --dtype bfloat16
@@ -44,14 +45,17 @@ def measure(args: argparse.Namespace, chunk: int) -> dict:
         loss = token_loss(h @ w.t(), t) if chunk == 0 else chunked_token_loss(h, w, t, chunk)
         loss.backward()
 
-    step()  # warm-up: allocator pools, kernel selection; the peak below still counts a full step
-    h.grad = w.grad = None
+    # The starting point, before the warm-up, as the docstring says. ru_maxrss is the process's maximum, so
+    # it counts the warm-up's peak either way; a start taken after the warm-up would subtract what that
+    # first step leaves resident (library pages, thread stacks, allocator pools: about 20 MiB on CPU).
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start_bytes = torch.cuda.memory_allocated()
     else:
         start_bytes = _rss_bytes()
+    step()  # warm-up: allocator pools, kernel selection; untimed, but its peak counts like any step's
+    h.grad = w.grad = None
     began = time.perf_counter()
     for _ in range(args.iters):
         step()
@@ -87,6 +91,7 @@ def main() -> None:
     base = results[0]
     print(f"loss forward+backward, vocab {args.vocab}, {args.batch} x {args.seq} tokens, hidden {args.hidden}, "
           f"{args.dtype} on {args.device}")
+    print("\n== summary: peak memory and seconds per forward+backward, and their ratios chunked/unchunked ==")
     print(f"{'chunk_tokens':>12} {'peak MiB':>10} {'peak ratio':>10} {'seconds':>8} {'time ratio':>10}")
     for chunk, r in results.items():
         print(f"{chunk or 'unchunked':>12} {r['peak_bytes'] / 2**20:>10.0f} {r['peak_bytes'] / base['peak_bytes']:>10.3f} "

@@ -7,16 +7,16 @@
 # A benchmark that fails is marked on the page, and the script then exits 1.
 #
 # Environment:
-#   ALBOR_VENV      virtualenv to activate (default: .venv in the repository, when it exists)
+#   ALBOR_VENV      virtualenv to activate, relative to the repository (default: its .venv, when it
+#                   exists; one named here must exist)
 #   DS_ACCELERATOR  set to cpu here when no GPU is found, unless already set
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-cd "$repo"
-venv="${ALBOR_VENV:-$repo/.venv}"
-# shellcheck disable=SC1091
-[ ! -f "$venv/bin/activate" ] || . "$venv/bin/activate"
+# shellcheck source=launcher/lib.sh
+. "$(dirname "$0")/../launcher/lib.sh"
+cd "$albor_root"
+albor_activate_venv
 gpu="none"
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+if albor_has_gpu; then
   gpu=$(nvidia-smi -L | sed 's/ (UUID.*//' | paste -sd ';' -)
 else
   # Without this DeepSpeed probes for a GPU and warns at every import.
@@ -68,7 +68,9 @@ EOF
     echo "Ratios (its section headings, ratio lines and closing summary):"
     echo
     echo '```'
-    awk '/^== summary/ {summary = 1} summary || /^== |ratio [a-z]+\/[a-z]+:|\(ratio |albor - bare|peak ratio|^ +(unchunked|[0-9]+) +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$/' "$logs/$name.out"
+    # The one convention every benchmark prints to: "== " section headings, "ratio x/y: ..." lines, and
+    # a closing block from its "== summary" heading to the end.
+    awk '/^== summary/ {summary = 1} summary || /^== |ratio [A-Za-z_]+\/[A-Za-z_]+:/' "$logs/$name.out"
     echo '```'
     echo
     echo '<details><summary>full output</summary>'

@@ -47,18 +47,23 @@ on_stop() {
   if [ -n "$runner" ]; then signal_ranks "$1"; else stop_before_start=$1; fi
 }
 
-train() {
+# Start the deepspeed runner, and pass on a stop that on_stop held while there was none.
+start_runner() {
   local -a launcher_args=()
   read -r -a launcher_args <<<"${ALBOR_DEEPSPEED_ARGS:-}"
+  # In the background: a trap runs only while bash waits in `wait`, not during a foreground command.
+  deepspeed "${launcher_args[@]}" --module albor.pretrain "$@" &
+  runner=$!
+  if [ -n "$stop_before_start" ]; then signal_ranks "$stop_before_start"; fi
+}
+
+train() {
   runner="" stop_before_start=""
   # The traps first: a signal between starting the runner and setting them would end this script
   # and leave the job running.
   trap 'on_stop TERM' TERM INT
   trap 'on_stop USR1' USR1
-  # In the background: a trap runs only while bash waits in `wait`, not during a foreground command.
-  deepspeed "${launcher_args[@]}" --module albor.pretrain "$@" &
-  runner=$!
-  if [ -n "$stop_before_start" ]; then signal_ranks "$stop_before_start"; fi
+  start_runner "$@"
   local code
   while :; do
     # A trapped signal returns from `wait` early (status > 128) while the runner goes on: wait again.
@@ -66,6 +71,9 @@ train() {
     kill -0 "$runner" 2>/dev/null || exit "$code"
   done
 }
+
+# Sourced, it only defines the functions above (tests/test_docker.py drives train() step by step).
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 [ -w "${HOME:-/}" ] || export HOME=/tmp
 

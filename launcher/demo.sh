@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launcher/setup.sh
-# shellcheck disable=SC1091
-. "${ALBOR_VENV:-.venv}/bin/activate"
+# shellcheck source=launcher/lib.sh
+. launcher/lib.sh
+albor_activate_venv
 # Without a GPU, tell DeepSpeed so instead of letting it probe and warn on every import.
-if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+if ! albor_has_gpu; then
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi
 
@@ -16,7 +17,7 @@ DATA="${ALBOR_DEMO_DATA:-data/python-stdlib}"
 RUN="${ALBOR_DEMO_RUN:-runs/demo-$(date +%Y%m%d-%H%M%S)}"
 [ -f "$DATA/index.json" ] || albor prepare-data --builtin python-stdlib --output "$DATA"
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+if albor_has_gpu; then
   RANKS=$(nvidia-smi -L | wc -l)
 else
   RANKS=2

@@ -6,17 +6,13 @@
 # checkpoint and exits 15; Ctrl-C (SIGINT) is not a stop request. Run launcher/setup.sh once first.
 #
 # Environment:
-#   ALBOR_VENV            virtualenv to activate (default: .venv in the repository, when it exists)
+#   ALBOR_VENV            virtualenv to activate, relative to the repository (default: its .venv, when
+#                         it exists; one named here must exist)
 #   CUDA_VISIBLE_DEVICES  which GPU: the first one it lists is used
-#   DS_ACCELERATOR        set to cpu here when no GPU is found, unless already set
+# (No DS_ACCELERATOR here: albor sets it to cpu itself, before it imports DeepSpeed, when torch sees no
+# GPU; albor/distributed/compat.py.)
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-venv="${ALBOR_VENV:-$repo/.venv}"
-# shellcheck disable=SC1091
-[ ! -f "$venv/bin/activate" ] || . "$venv/bin/activate"
-
-if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
-  # Without this DeepSpeed probes for a GPU and warns at every import.
-  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-fi
+# shellcheck source=launcher/lib.sh
+. "$(dirname "$0")/lib.sh"
+albor_activate_venv
 exec python -m albor.pretrain "$@"

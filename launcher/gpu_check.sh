@@ -4,8 +4,9 @@
 # 3) a short real single-GPU run of albor-370M on the built-in corpus (tokens/s, MFU, util per step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck disable=SC1091
-[ -d "${ALBOR_VENV:-.venv}" ] && . "${ALBOR_VENV:-.venv}/bin/activate"
+# shellcheck source=launcher/lib.sh
+. launcher/lib.sh
+albor_activate_venv
 nvidia-smi -L
 python -m pytest -q -m gpu tests/test_gpu.py tests/test_dist_checkpoint.py
 python benchmarks/bench_model.py --preset albor-370m --device cuda --batch 8 --seq 1024 --iters 10

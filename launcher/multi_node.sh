@@ -20,18 +20,18 @@
 #   ALBOR_MASTER_ADDR  address of node 0's rank 0 (no ssh: default the hostfile's first host; ssh:
 #                      default what that host's `hostname -I` says first)
 #   ALBOR_MASTER_PORT  rendezvous port (default: DeepSpeed's, 29500)
-#   ALBOR_VENV         virtualenv to activate (default: .venv in the repository, when it exists)
+#   ALBOR_VENV         virtualenv to activate, relative to the repository (default: its .venv, when it
+#                      exists; one named here must exist)
 #   ALBOR_* (others)   the ssh way starts remote ranks with only DeepSpeed's own pass-through variables
 #                      (NCCL_*, PYTHON*, UCX_*, ...): any ALBOR_* variable (ALBOR_STEP_TIMEOUT_S, ...)
 #                      belongs in DeepSpeed's env file, $HOME/.deepspeed_env or ./.deepspeed_env, as
 #                      NAME=value lines; this script warns about one that is set here and missing there.
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-venv="${ALBOR_VENV:-$repo/.venv}"
-# shellcheck disable=SC1091
-[ ! -f "$venv/bin/activate" ] || . "$venv/bin/activate"
+# shellcheck source=launcher/lib.sh
+. "$(dirname "$0")/lib.sh"
+albor_activate_venv
 
-hostfile="${ALBOR_HOSTFILE:-$repo/launcher/hostfile}"
+hostfile="${ALBOR_HOSTFILE:-$albor_root/launcher/hostfile}"
 if [ ! -f "$hostfile" ]; then
   echo "multi_node.sh: no hostfile at $hostfile: copy launcher/hostfile.example there, or set ALBOR_HOSTFILE" >&2
   exit 2

@@ -4,12 +4,13 @@
 # the plain torch requirement does not pull a CUDA build of several GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${ALBOR_VENV:-.venv}"
+# shellcheck source=launcher/lib.sh
+. launcher/lib.sh
+VENV=$(albor_venv_path)
 PY="${PYTHON:-python3}"
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
+albor_activate_venv
 
 # The tested torch and DeepSpeed ranges, as pyproject.toml pins them (one source).
 pinned() { grep -o "\"$1[<>=][^\"]*\"" pyproject.toml | tr -d '"'; }
@@ -17,7 +18,7 @@ TORCH_SPEC=$(pinned torch)
 DEEPSPEED_SPEC=$(pinned deepspeed)
 
 if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if albor_has_gpu; then
     python -m pip install -q "$TORCH_SPEC"
   else
     python -m pip install -q "torch==2.13.0"  # in that range: the CPU build on this project's machines

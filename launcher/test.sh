@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launcher/setup.sh
-# shellcheck disable=SC1091
-. "${ALBOR_VENV:-.venv}/bin/activate"
+# shellcheck source=launcher/lib.sh
+. launcher/lib.sh
+albor_activate_venv
 # Without a GPU, tell DeepSpeed so instead of letting it probe and warn on every import.
-if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+if ! albor_has_gpu; then
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi
 exec python -m pytest -q "$@"

@@ -27,6 +27,8 @@ from albor.stop_signal import STOP_SIGNALS
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launcher" / "slurm.sbatch"
+#: What every script sources: the virtualenv, the GPU check, the requeue decision.
+LIB = REPO / "launcher" / "lib.sh"
 HOSTFILE = str(REPO / "launcher" / "hostfile.example")
 #: Every shell script of the repository's own: the launchers, the image's entrypoint, the benchmark runner.
 SHELL_SCRIPTS = sorted(
@@ -94,14 +96,24 @@ def spawner():
             proc.communicate()
 
 
+def fake_venv(path: Path) -> Path:
+    """A virtualenv as the launchers see one: a bin/activate whose only effect is FAKE_VENV_ACTIVATED=1
+    (a real one would put its own python and deepspeed before the fakes on PATH)."""
+    (path / "bin").mkdir(parents=True)
+    (path / "bin" / "activate").write_text("export FAKE_VENV_ACTIVATED=1\n")
+    return path
+
+
 def fake_env(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """(log dir, environment): a bin dir for fake tools first on PATH, no virtualenv, no launcher variables."""
+    """(log dir, environment): a bin dir for fake tools first on PATH, a fake virtualenv named by ALBOR_VENV,
+    no other launcher variable, no CUDA_VISIBLE_DEVICES."""
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
     log.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALBOR_", "SLURM_", "DS_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ALBOR_", "SLURM_", "DS_", "VIRTUAL_ENV")) and k != "CUDA_VISIBLE_DEVICES"}
     env |= {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(log), "FAKE_BIN": str(bin_dir),
-            "ALBOR_VENV": str(tmp_path / "no-venv"), "HOME": str(tmp_path)}
+            "ALBOR_VENV": str(fake_venv(tmp_path / "venv")), "HOME": str(tmp_path)}
     return log, env
 
 
@@ -131,14 +143,29 @@ def test_scripts_are_shellcheck_clean():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def lib_functions() -> dict[str, str]:
+    """launcher/lib.sh's functions: name -> body."""
+    return {m[1]: m[2] for m in re.finditer(r"^(\w+)\(\) \{\n(.*?)^\}", LIB.read_text(), re.M | re.S)}
+
+
+def without_comments(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
 @pytest.mark.parametrize("script", USER_SCRIPTS, ids=lambda p: p.name)
 def test_header_names_every_variable_the_script_reads(script: Path):
+    """Also those that the launcher/lib.sh functions it calls read (ALBOR_VENV, for albor_activate_venv)."""
     text = script.read_text()
     header = text[: text.index("\nset -euo")]  # the comment block every one of them opens with
-    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    own = code = without_comments(text)
+    functions, called = lib_functions(), set()
+    while new := {f for f in functions if f not in called and re.search(rf"\b{f}\b", code)}:
+        called |= new
+        code += "".join("\n" + without_comments(functions[f]) for f in new)
     read = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", code))
-    assigned = set(re.findall(r"(?:^|[\s;])(?:export\s+)?([A-Z][A-Z0-9_]*)=", code, re.M))
-    missing = sorted(name for name in read - assigned - {"PWD"} if not re.search(rf"\b{name}\b", header))
+    assigned = set(re.findall(r"(?:^|[\s;])(?:export\s+)?([A-Z][A-Z0-9_]*)=", own, re.M))
+    bash_own = {"PWD", "BASH_SOURCE"}
+    missing = sorted(name for name in read - assigned - bash_own if not re.search(rf"\b{name}\b", header))
     assert not missing, f"{script.name} reads {missing} but its header does not say so"
 
 
@@ -191,7 +218,7 @@ def test_sbatch_signal_is_a_stop_signal_with_time_for_the_grace():
 
 
 def should_requeue(code: int) -> bool:
-    script = f'. "{REPO}/launcher/requeue.sh"; albor_should_requeue {code}'
+    script = f'. "{LIB}"; albor_should_requeue {code}'
     return subprocess.run(["bash", "-c", script]).returncode == 0
 
 
@@ -248,7 +275,8 @@ def test_sbatch_starts_every_rank_directly_and_requeues_on_15(slurm, spawn):
     assert ["requeue", "4242"] in calls(log, "scontrol"), out
 
 
-@pytest.mark.parametrize("code", [0, ExitCode.NUMERICAL_INSTABILITY, ExitCode.PREEMPTION_SAVE_FAILED, 143])
+@pytest.mark.parametrize("code", [ExitCode.OK, ExitCode.NUMERICAL_INSTABILITY, ExitCode.PREEMPTION_SAVE_FAILED,
+                                  128 + signal.SIGTERM], ids=lambda c: c.name if isinstance(c, ExitCode) else str(c))
 def test_sbatch_does_not_requeue_other_codes(slurm, spawn, code):
     log, env = slurm
     proc = spawn(["bash", str(SBATCH), "--dataset", "data/x"], env)
@@ -292,7 +320,7 @@ def test_sbatch_passes_a_batch_sigusr1_on_to_the_ranks(slurm, spawn):
     assert ["requeue", "4242"] in calls(log, "scontrol"), out
 
 
-@pytest.mark.parametrize("flag", ["--resume", "--resume=epoch-001", "--init-from"])
+@pytest.mark.parametrize("flag", ["--resume", "--resume=epoch-001"])
 def test_sbatch_refuses_its_own_resume_flags(slurm, flag):
     log, env = slurm
     p = subprocess.run(["bash", str(SBATCH), "--dataset", "d", flag, "x"], env=env, cwd=REPO,
@@ -301,7 +329,17 @@ def test_sbatch_refuses_its_own_resume_flags(slurm, flag):
     assert not calls(log, "srun")
 
 
-# --- one node, several nodes, dev mode --------------------------------------------------------------
+def test_sbatch_passes_init_from_with_its_resume_auto(slurm, spawn):
+    """--resume auto keeps --init-from as the first allocation's weights (albor.config), so the two go together."""
+    log, env = slurm
+    proc = spawn(["bash", str(SBATCH), "--dataset", "d", "--init-from", "m.apr", "--output-dir", "runs/b"], env)
+    wait_for(log / "started")
+    finish(proc, log, 0)
+    assert calls(log, "python")[0] == ["-m", "albor.pretrain", "--dataset", "d", "--init-from", "m.apr",
+                                       "--output-dir", "runs/b", "--resume", "auto"]
+
+
+# --- one node, dev mode -----------------------------------------------------------------------------
 
 
 def run_script(name: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -309,16 +347,22 @@ def run_script(name: str, env: dict[str, str], *args: str) -> subprocess.Complet
                           capture_output=True, text=True, timeout=60)
 
 
-def test_single_node_starts_one_rank_per_gpu(fakes):
+def test_single_node_lets_deepspeed_count_the_visible_gpus(fakes):
+    """nvidia-smi lists every GPU whatever CUDA_VISIBLE_DEVICES says, and DeepSpeed given --num_gpus ignores
+    CUDA_VISIBLE_DEVICES: so no --num_gpus, unless ALBOR_NUM_GPUS asks for it."""
     log, env = fakes
     bin_dir = Path(env["FAKE_BIN"])
     fake_tool(bin_dir, "nvidia-smi", 'printf "GPU 0: H100 (UUID: GPU-a)\\nGPU 1: H100 (UUID: GPU-b)\\n"')
     fake_tool(bin_dir, "deepspeed")
+    env |= {"CUDA_VISIBLE_DEVICES": "1"}
     p = run_script("single_node.sh", env | {"ALBOR_MASTER_PORT": "29611"}, "--dataset", "d")
     assert p.returncode == 0, p.stderr
-    assert calls(log, "deepspeed") == [["--num_gpus", "2", "--master_port", "29611", "--module", "albor.pretrain",
-                                        "--dataset", "d"]]
-    assert "DS_ACCELERATOR" not in last_env(log, "deepspeed")
+    assert calls(log, "deepspeed") == [["--master_port", "29611", "--module", "albor.pretrain", "--dataset", "d"]]
+    runner = last_env(log, "deepspeed")
+    assert runner["CUDA_VISIBLE_DEVICES"] == "1" and runner["FAKE_VENV_ACTIVATED"] == "1", runner
+    assert "DS_ACCELERATOR" not in runner
+    assert run_script("single_node.sh", env | {"ALBOR_NUM_GPUS": "1"}, "--dataset", "d").returncode == 0
+    assert calls(log, "deepspeed")[-1] == ["--num_gpus", "1", "--module", "albor.pretrain", "--dataset", "d"]
 
 
 def test_single_node_without_a_gpu(fakes):
@@ -330,6 +374,64 @@ def test_single_node_without_a_gpu(fakes):
     assert p.returncode == 0, p.stderr
     assert calls(log, "deepspeed") == [["--num_gpus", "2", "--module", "albor.pretrain", "--dataset", "d"]]
     assert last_env(log, "deepspeed")["DS_ACCELERATOR"] == "cpu"
+
+
+# --- launcher/lib.sh: the virtualenv -----------------------------------------------------------------
+
+
+def lib_copy(tmp_path: Path) -> Path:
+    """launcher/lib.sh alone in a repository of its own (no .venv yet): that repository's root."""
+    root = tmp_path / "repo"
+    (root / "launcher").mkdir(parents=True)
+    shutil.copy(LIB, root / "launcher" / "lib.sh")
+    return root
+
+
+def in_lib(root: Path, env: dict[str, str], commands: str, cwd: Path) -> subprocess.CompletedProcess:
+    script = f'set -euo pipefail; . "{root}/launcher/lib.sh"; {commands}'
+    return subprocess.run(["bash", "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=10)
+
+
+def test_a_relative_venv_is_the_repositorys_whatever_the_working_directory(fakes, tmp_path):
+    _, env = fakes
+    root, elsewhere = lib_copy(tmp_path), tmp_path / "elsewhere"
+    fake_venv(root / "envs" / "a")
+    fake_venv(elsewhere / "envs" / "a").joinpath("bin", "activate").write_text("export FAKE_VENV_ACTIVATED=cwd\n")
+    show = 'albor_venv_path; albor_activate_venv; echo "$FAKE_VENV_ACTIVATED"'
+    p = in_lib(root, env | {"ALBOR_VENV": "envs/a"}, show, elsewhere)
+    assert p.stdout.split() == [str(root / "envs" / "a"), "1"], p.stdout + p.stderr
+    p = in_lib(root, env, "albor_venv_path", elsewhere)  # an absolute one as it is
+    assert p.stdout.split() == [env["ALBOR_VENV"]], p.stdout + p.stderr
+
+
+def test_the_default_venv_may_be_absent(fakes, tmp_path):
+    """albor installed in the environment already: no .venv, nothing activated, no error."""
+    _, env = fakes
+    env = {k: v for k, v in env.items() if k != "ALBOR_VENV"}
+    root = lib_copy(tmp_path)
+    show = 'albor_activate_venv; echo "activated: ${FAKE_VENV_ACTIVATED:-no}"'
+    p = in_lib(root, env, show, tmp_path)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "activated: no\n", "")
+    fake_venv(root / ".venv")
+    assert in_lib(root, env, show, tmp_path).stdout == "activated: 1\n"
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh", "dev.sh"])
+def test_a_named_venv_that_does_not_exist_stops_the_script(fakes, tmp_path, script):
+    """Not a silent run in whatever Python is on PATH: one line, naming it and how to make it."""
+    log, env = fakes
+    for tool in ("deepspeed", "python"):
+        fake_tool(Path(env["FAKE_BIN"]), tool)
+    env |= {"ALBOR_VENV": "no-such-venv", "ALBOR_NUM_GPUS": "2", "ALBOR_HOSTFILE": HOSTFILE}
+    p = run_script(script, env, "--dataset", "d")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines() == [
+        f"{script}: ALBOR_VENV=no-such-venv: no virtualenv at {REPO}/no-such-venv: create it with "
+        "ALBOR_VENV=no-such-venv bash launcher/setup.sh"], p.stderr
+    assert not calls(log, "deepspeed") and not calls(log, "python")
+
+
+# --- several nodes ------------------------------------------------------------------------------------
 
 
 def multi_node(fakes, **env: str) -> tuple[list[str], str]:
@@ -364,13 +466,17 @@ def test_hostfile_example_is_what_deepspeed_reads():
 
 
 def test_dev_mode_runs_the_real_module_as_one_process(tmp_path):
-    """The real albor.pretrain, through dev.sh, up to --dry-run (it reads no shard, so an index.json stub does)."""
+    """The real albor.pretrain, through dev.sh, up to --dry-run (it reads no shard, so an index.json stub does).
+    Without DS_ACCELERATOR from dev.sh or from here: albor tells DeepSpeed the device itself before
+    importing it, so DeepSpeed's probe does not warn (on a GPU it would find CUDA anyway)."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "index.json").write_text("{}")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "ALBOR_FAULT")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "ALBOR_FAULT", "ALBOR_VENV", "DS_ACCELERATOR")}
     p = run_script("dev.sh", env, "--dry-run", "--model", "tiny", "--dataset", str(data),
                    "--output-dir", str(tmp_path / "run"))
     assert p.returncode == 0, p.stderr
     assert "world size 1" in p.stdout, p.stdout
+    assert "Setting accelerator" not in p.stdout + p.stderr, p.stdout + p.stderr
     assert not (tmp_path / "run").exists()
