@@ -21,7 +21,7 @@ from albor.atomic_files import write_bytes_atomic
 from albor.data.corpus import Document
 from albor.data.shards import DEFAULT_SHARD_TOKENS
 from albor.data.tokenizer import EOS_TOKEN, MERGES_FILE, VOCAB_FILE, load_tokenizer
-from albor.data.tokenizing import tokenize_documents
+from albor.data.tokenizing import tokenize_corpus
 from albor.errors import ConfigError
 
 BUILTINS = ("python-stdlib",)
@@ -108,8 +108,12 @@ def prepare_builtin(
     max_bytes: int = DEFAULT_MAX_BYTES,
     val_fraction: float = BUILTIN_VAL_FRACTION,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    workers: int | None = None,
 ) -> Path:
-    """Build the named built-in dataset into ``output``; returns the path of index.json."""
+    """Build the named built-in dataset into ``output``; returns the path of index.json.
+
+    ``workers`` tokenize it (default: every core this process may use).
+    """
     check_builtin_args(name, vocab_size=vocab_size, max_bytes=max_bytes)
     sources = stdlib_sources(max_bytes)
     docs = [d for _, d in sources]
@@ -124,5 +128,7 @@ def prepare_builtin(
         "source": {"builtin": name, "python": platform.python_version(), "max_bytes": max_bytes,
                    "files": len(docs), "bytes": total},
     }
-    return tokenize_documents(docs, tokenizer, output, source=f"built-in {name}", val_fraction=val_fraction,
-                              shard_tokens=shard_tokens, total_bytes=total, extra=extra)
+    # The files themselves are tokenized, by the workers; they are the documents just collected.
+    files = [stdlib_root() / rel for rel, _ in sources]
+    return tokenize_corpus(files, tokenizer, output, source=f"built-in {name}", val_fraction=val_fraction,
+                           shard_tokens=shard_tokens, extra=extra, workers=workers)
