@@ -12,6 +12,7 @@ COMMANDS = {
     "report": ("albor.report", "draw a run's report.png and print its summary"),
     "export": ("albor.export_hf", "write a run's model as a Hugging Face transformers directory"),
     "status": ("albor.status_cmd", "print a run's status; finalise it if its ranks are gone"),
+    "verify-data": ("albor.verify_data", "check every shard of a prepared dataset in full (sha256, token ids)"),
 }
 
 USAGE = f"usage: albor {{{','.join(COMMANDS)}}} ...\n\n" + "".join(

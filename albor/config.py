@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -117,6 +118,10 @@ def _problems(c: PretrainConfig) -> list[str]:
         p.append(f"seed must be < 2**63 (got {c.seed})")
     if c.dataset is None:
         p.append("dataset is required: pass --dataset (a token index, its directory, or a raw corpus)")
+    elif _launched_ranks() > 1:
+        # Where the dataset is and what it is may differ between nodes: a node that lacks it must not exit
+        # before the process group while the others wait for it; the ranks vote on it (run_setup.open_data).
+        pass
     elif not c.dataset.exists():
         p.append(f"dataset {c.dataset} does not exist: check --dataset, or run 'albor prepare-data' first")
     elif c.tokenizer is None and not _is_token_index(c.dataset):
@@ -162,6 +167,14 @@ def _problems(c: PretrainConfig) -> list[str]:
     if c.model not in PRESETS:
         p.append(f"model {c.model!r} is not a known preset: choose one of {', '.join(sorted(PRESETS))}")
     return p
+
+
+def _launched_ranks() -> int:
+    """The world size a launcher announced (1 without one); the environment only, no torch."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def _is_token_index(dataset: Path) -> bool:

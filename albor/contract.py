@@ -49,6 +49,7 @@ class AbortReason(enum.Enum):
     CHECKPOINT_FAILED = ExitCode.CHECKPOINT_FAILED
     PREEMPTED = ExitCode.PREEMPTED  # not a fault: the run was asked to stop, and can resume
     PREEMPTION_SAVE_FAILED = ExitCode.PREEMPTION_SAVE_FAILED
+    DATA = ExitCode.DATA  # mid-run: a shard is not what index.json says (docs/data-verification.md)
 
     @property
     def exit_code(self) -> ExitCode:

@@ -38,6 +38,14 @@ log = logging.getLogger("albor")
 
 
 @dataclasses.dataclass(frozen=True)
+class DataFault:
+    """Some rank found the run's data is not what index.json says (albor.distributed.data_verdict); every rank holds it."""
+
+    message: str  # names the shard where known, and the rank(s) that found it
+    ranks: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class StepResult:
     """What one optimizer step reports, already combined across ranks."""
 
@@ -49,6 +57,7 @@ class StepResult:
     rank_error: str | None = None  # an exception some rank caught during the step
     flagged_ranks: tuple[int, ...] = ()  # ranks that saw the fault first
     stop_requested_ranks: tuple[int, ...] = ()  # ranks a stop signal reached: every rank stops after this step
+    data_fault: DataFault | None = None  # a bad shard, found by the background verification or in a batch
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # telemetry beyond the contract
 
 
@@ -152,6 +161,7 @@ class PretrainLoop:
         metadata_extra: Mapping[str, Any] | None = None,
         status_extra: Mapping[str, Any] | None = None,
         preemption_guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        data_verified: Callable[[], DataFault | None] = lambda: None,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
     ) -> None:
@@ -166,6 +176,9 @@ class PretrainLoop:
         self.metadata_extra = dict(metadata_extra or {})
         self.status_extra = dict(status_extra or {})  # e.g. the resume command; merged into status.json
         self.preemption_guard = preemption_guard  # bounds the preemption save (the grace period)
+        # Blocks until the run's data has been verified in full, then every rank's verdict (a collective,
+        # called at the same point on every rank): no checkpoint is written before it passed.
+        self.data_verified = data_verified
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops  # summed over every device of the job; None on CPUs
         self.step_metrics: list[StepMetrics] = []  # this process's steps (a resumed run: since the resume)
@@ -215,6 +228,8 @@ class PretrainLoop:
         lr = self.lr_at(step)
         result = self.step_fn(step, lr)
         now = self.clock()  # the one clock read per step; it also starts the next step
+        if result.data_fault is not None:  # first: bad data explains whatever else went wrong in the step
+            raise self._data_abort(result.data_fault, step=step, epoch=epoch)
         if result.rank_error is not None:
             raise ContractAbort(
                 AbortReason.RANK_FAILURE,
@@ -283,6 +298,10 @@ class PretrainLoop:
         for step in range(first, last):
             _, started = self.train_step(step, epoch, started)
 
+        # Before validation and the checkpoint: a checkpoint never trusts data that failed or was never verified.
+        fault = self.data_verified()
+        if fault is not None:
+            raise self._data_abort(fault, step=last - 1, epoch=epoch, when=f"the end of epoch {epoch}")
         val_loss = self.val_fn(epoch)
         if not math.isfinite(val_loss):  # gate 007 before gate 005, at every epoch including 0: a NaN is an instability, not a divergence
             raise ContractAbort(
@@ -328,6 +347,12 @@ class PretrainLoop:
             ) from None
         return meta
 
+    @staticmethod
+    def _data_abort(fault: DataFault, *, step: int, epoch: int, when: str | None = None) -> ContractAbort:
+        return ContractAbort(
+            AbortReason.DATA, f"DATA at {when or f'step {step}'}: {fault.message}", step=step, epoch=epoch, ranks=fault.ranks,
+        )
+
     def _checkpoint_fields(self, point: CheckpointPoint, sha: str) -> dict[str, Any]:
         """What every checkpoint's metadata holds beyond the contract's nine fields."""
         return {
@@ -362,6 +387,10 @@ class PretrainLoop:
         ranks = ", ".join(map(str, request.ranks))
         try:
             with self.preemption_guard():
+                fault = self.data_verified()  # inside the grace: a verification that outlives it ends the run unsaved
+                if fault is not None:
+                    return self._data_abort(fault, step=request.step, epoch=request.epoch,
+                                            when=f"the preemption after step {request.step}"), None
                 sha = self.step_fn.optimizer_state_sha()
                 self.checkpoint.save(point, self._checkpoint_fields(point, sha))
         except CheckpointError as e:
@@ -405,7 +434,7 @@ class PretrainLoop:
             status, abort = RunStatus.ABORTED, e
         except PreemptionRequested as request:
             abort, checkpoint = self._preempt(request)
-            status = RunStatus.PREEMPTED
+            status = RunStatus.ABORTED if abort.reason is AbortReason.DATA else RunStatus.PREEMPTED
         passed = self.val_losses  # epochs that passed gate 005 and were checkpointed
         result = RunResult(
             status=status,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,11 +16,13 @@ import torch
 
 from albor.config import PretrainConfig
 from albor.data.loader import TokenDataset, TrainLoader, ValidationLoader, index_vocab_size
-from albor.data.resolve import resolve_dataset
+from albor.data.resolve import resolve_dataset, run_index
+from albor.data.verify import BackgroundVerification, ShardProblem, VerifyReport, default_workers
 from albor.determinism import apply_determinism
 from albor.distributed.checkpoint import Checkpointer
 from albor.distributed.engine import build_engine
-from albor.distributed.process_group import DistEnv
+from albor.distributed.data_verdict import DataVerdict
+from albor.distributed.process_group import STARTUP_TIMEOUT_S, DistEnv
 from albor.distributed.resume import load_fp32_masters
 from albor.distributed.step import DeepSpeedStep
 from albor.distributed.validation import DeepSpeedValidation
@@ -43,6 +46,34 @@ class OpenedData:
     dataset: TokenDataset
     train_loader: TrainLoader
     val_loader: ValidationLoader
+    verdict: DataVerdict  # the full verification's progress and vote (docs/data-verification.md)
+
+
+#: What --dataset is on this rank's node, for the presence vote.
+_MISSING, _RAW_CORPUS, _PREPARED = 0, 1, 2
+
+
+def check_dataset_everywhere(config: PretrainConfig, env: DistEnv) -> None:
+    """Every rank sees the same kind of --dataset, or every rank fails with 3 at once, naming the ranks that lack it.
+
+    Config validation leaves a multi-rank run's dataset to this vote (albor.config): a node without
+    the dataset must not exit before the process group while the others wait for it until the start-up
+    timeout. Missing on every rank is a plain usage error, reported by resolve_dataset.
+    """
+    dataset = config.dataset
+    kind = _MISSING if not dataset.exists() else _RAW_CORPUS if run_index(dataset, config.output_dir).cached else _PREPARED
+    kinds = [int(k) for k in env.per_rank(kind)]
+    if len(set(kinds)) == 1:
+        return
+    names = {_MISSING: "missing", _RAW_CORPUS: "a raw corpus (no index.json)", _PREPARED: "a prepared dataset"}
+    seen = "; ".join(
+        f"{names[k]} on rank(s) {', '.join(str(r) for r, kr in enumerate(kinds) if kr == k)}"
+        for k in sorted(set(kinds), reverse=True)
+    )
+    raise DataError(
+        f"--dataset {dataset} is {seen}: a multi-node run needs the prepared dataset at the same path on every "
+        "node (shared storage, or a copy on each); copy it there, or pass a path every node sees"
+    )
 
 
 def open_data(config: PretrainConfig, env: DistEnv) -> OpenedData:
@@ -50,11 +81,16 @@ def open_data(config: PretrainConfig, env: DistEnv) -> OpenedData:
 
     A shard corrupted on one node's disk must not leave that node's ranks exiting
     while the others wait in the next collective: one vote, then every rank raises
-    an error with the same exit code (the highest any rank met).
+    an error with the same exit code (the highest any rank met). Opening reads
+    headers only; local rank 0 of each node then verifies its node's copy in full
+    in the background (:class:`DataVerdict`).
     """
+    check_dataset_everywhere(config, env)
     error: AlborError | None = None
     try:
-        index_path = resolve_dataset(config.dataset, config.tokenizer, config.output_dir, log=log.info)
+        # A rank waiting for another to tokenize a raw corpus waits as long as the first collective would.
+        index_path = resolve_dataset(config.dataset, config.tokenizer, config.output_dir, log=log.info,
+                                     lock_timeout_s=STARTUP_TIMEOUT_S)
         model_cfg = model_preset(config.model, vocab_size=index_vocab_size(index_path))
         dataset = TokenDataset.open(index_path, vocab_size=model_cfg.vocab_size)
         train_loader = TrainLoader(
@@ -70,7 +106,29 @@ def open_data(config: PretrainConfig, env: DistEnv) -> OpenedData:
     except Exception as e:  # unreadable file, out of memory…: still reach the vote
         error = DataError(f"opening the dataset failed: {type(e).__name__}: {e}")
     env.raise_together(error, "opening the dataset")
-    return OpenedData(model_cfg, dataset, train_loader, val_loader)
+    verification = None
+    if env.local_rank == 0:
+        verification = start_verification(dataset, model_cfg.vocab_size, env)
+    verdict = DataVerdict(verification, rank=env.rank, shard_names=dataset.shard_names, per_rank=env.per_rank,
+                          slow_phase=env.startup_timeout)
+    return OpenedData(model_cfg, dataset, train_loader, val_loader, verdict)
+
+
+def start_verification(dataset: TokenDataset, vocab_size: int, env: DistEnv) -> BackgroundVerification:
+    """This node's full check of ``dataset``, on a share of the node's cores, while training starts."""
+    # Each local rank, this one included, keeps a core busy feeding its device; the verification takes the rest.
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    workers = max(1, default_workers() - local_ranks)
+    assert dataset.index_path is not None
+
+    def done(report: VerifyReport | None, problem: ShardProblem | None) -> None:
+        if report is not None and problem is None:
+            log.info("dataset: verified %d shard(s), %.1f MB, in %.1f s on rank %d (sha256 and token ids match %s)",
+                     report.shards, report.bytes / 1e6, report.seconds, env.rank, report.index_path)
+
+    log.info("dataset: verifying every shard of %s in the background on %d thread(s), one rank per node; "
+             "the first checkpoint waits for it", dataset.index_path, workers)
+    return BackgroundVerification(dataset.index_path, vocab_size=vocab_size, workers=workers, on_done=done).start()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +153,7 @@ class RunParts:
         model_cfg = self.data.model_cfg
         return PretrainLoop(
             config, self.step_fn, self.val_fn, self.checkpoint,
+            data_verified=self.data.verdict.settle,
             vocab_size=model_cfg.vocab_size,
             files=files,
             on_step=on_step,
@@ -148,7 +207,7 @@ def build_run(
     gpu = GpuUtilization(uuid)
     step_fn = DeepSpeedStep(
         engine, data.train_loader, env, grad_accumulation=ds_config["gradient_accumulation_steps"], gpu=gpu,
-        faults=faults, stop=stop, loss_chunk_tokens=config.loss_chunk_tokens,
+        faults=faults, stop=stop, loss_chunk_tokens=config.loss_chunk_tokens, data_verdict=data.verdict,
     )
     return RunParts(
         engine=engine,

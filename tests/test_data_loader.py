@@ -18,6 +18,7 @@ from albor.data.shards import (
     HEADER_SIZE,
     MAGIC,
     ShardHeader,
+    ShardInfo,
     ShardWriter,
     build_index,
     open_tokens,
@@ -140,25 +141,66 @@ def test_truncated_shard(tmp_path: Path) -> None:
     assert "train-00002.bin" in str(err) and "truncated" in str(err)
 
 
-def test_sha_mismatch(tmp_path: Path) -> None:
+def test_open_reads_headers_only_and_leaves_content_to_verify(tmp_path: Path) -> None:
+    """A changed token is not open's to find (it reads no tokens): albor.data.verify finds it."""
     p = arange_dataset(tmp_path)
     shard = p.parent / "train-00000.bin"
     raw = bytearray(shard.read_bytes())
     raw[HEADER_SIZE + 10] ^= 0x01  # same size, same header, one token changed
     shard.write_bytes(bytes(raw))
-    err = _open_error(p)
-    assert "train-00000.bin" in str(err) and "sha256" in str(err)
+    TokenDataset.open(p, vocab_size=VOCAB)
+    from albor.data.verify import verify_dataset
+
+    (problem,) = verify_dataset(p).problems
+    assert problem.name == "train-00000.bin" and "sha256" in problem.message
 
 
-def test_token_ids_beyond_model_vocab(tmp_path: Path) -> None:
-    p = make_dataset(tmp_path / "ds", np.array([1, 2, 3, 4999, 5]), np.array([1, 2]), vocab=5000)
+def _bytes_read() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="reads /proc/self/io (Linux)")
+def test_open_does_not_read_the_tokens_of_a_large_shard(tmp_path: Path) -> None:
+    """Start-up is O(number of shards): a 1 GiB shard (sparse, so cheap to make) costs a header read."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    count = 1 << 29  # uint16: 1 GiB of tokens
+    with open(ds / "train-00000.bin", "wb") as f:
+        f.write(ShardHeader(FORMAT_VERSION, 1, count).pack())
+        f.truncate(HEADER_SIZE + 2 * count)
+    val = ShardWriter(ds, "val", dtype_code=1)
+    val.write(np.arange(100))
+    infos = [ShardInfo("train-00000.bin", "train", count, "0" * 64), *val.close()]  # a sha nobody computes here
+    p = write_index(ds, build_index(infos, vocab_size=VOCAB, eos_id=0, tokenizer_sha="t" * 64))
+    before = _bytes_read()
+    dataset = TokenDataset.open(p, vocab_size=VOCAB)
+    assert _bytes_read() - before < 1 << 20  # the index and two headers, not the 1 GiB
+    assert dataset.split("train").num_tokens == count
+    assert dataset.shard_names == ("train-00000.bin", "val-00000.bin")
+
+
+def test_token_ids_beyond_model_vocab_are_refused_in_the_batch(tmp_path: Path) -> None:
+    p = make_dataset(tmp_path / "ds", np.array([1, 2, 3, 4999, 5, 6, 7, 8, 9]), np.array([1, 2]), vocab=5000,
+                     shard_tokens=4)
     TokenDataset.open(p, vocab_size=5000)
-    # The index claims a 4096 vocab but a shard holds a larger id: checked per shard, not trusted.
+    # The index claims a 4096 vocab but a shard holds a larger id: open cannot see it (it reads no tokens),
+    # the batch that holds it refuses it before the model sees it, and verify names it.
     index = json.loads(p.read_text())
     index["vocab_size"] = 4096
     p.write_text(json.dumps(index))
-    err = _open_error(p, vocab=4096)
-    assert "train-00000.bin" in str(err) and "4999" in str(err) and "4096" in str(err)
+    split = TokenDataset.open(p, vocab_size=4096).split("train")
+    assert split.batch(np.array([1]), 3)[0].tolist() == [[5, 6, 7]]  # tokens 4..7: shard 1 holds only ids < 4096
+    with pytest.raises(DataError) as info:
+        split.batch(np.array([1, 0]), 3)  # window 0 = tokens 0..3, with 4999 at token 3 of train-00000.bin
+    assert info.value.exit_code == ExitCode.DATA
+    assert "train-00000.bin" in str(info.value) and "4999 at token 3" in str(info.value) and "4096" in str(info.value)
+    from albor.data.verify import verify_dataset
+
+    (problem,) = verify_dataset(p, vocab_size=4096).problems
+    assert problem.name == "train-00000.bin" and "4999" in problem.message and "4096" in problem.message
 
 
 def test_index_vocab_larger_than_model(tmp_path: Path) -> None:
@@ -413,6 +455,12 @@ def test_an_unreadable_shard_is_one_data_error(tmp_path: Path, monkeypatch: pyte
     def unreadable(path, header):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr("albor.data.loader.scan_shard", unreadable)  # root reads any file: simulate the error
+    monkeypatch.setattr("albor.data.loader.open_tokens", unreadable)  # root reads any file: simulate the error
     msg = str(_open_error(p))
     assert "train-00000.bin cannot be read (Permission denied)" in msg and "permissions" in msg
+    monkeypatch.setattr("albor.data.shards.open", lambda *a, **k: unreadable(a[0], None), raising=False)
+    from albor.data.verify import verify_dataset
+
+    problems = verify_dataset(p).problems  # the full check reports each unreadable shard, in index order
+    assert [q.name for q in problems] == [f"train-0000{i}.bin" for i in range(5)] + [f"val-0000{i}.bin" for i in range(2)]
+    assert "train-00000.bin: cannot be read (Permission denied)" in problems[0].message

@@ -299,3 +299,89 @@ def test_a_run_directory_inside_the_raw_corpus_is_refused(tmp_path: Path, tok_di
         resolve_dataset(corpus, tok_dir, corpus / "runs" / "r1", log=print)
     assert info.value.exit_code == ExitCode.USAGE and "outside the corpus" in str(info.value)
     assert not (corpus / "runs").exists()
+
+
+# ---- who reads the corpus, and how long a rank waits ------------------------------------------------
+
+
+def count_content_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every full read of the corpus for its content hash, as the number of files read."""
+    import albor.data.resolve as resolve
+
+    calls: list[int] = []
+    real = resolve.corpus_fingerprint
+    monkeypatch.setattr(resolve, "corpus_fingerprint", lambda files, *a: calls.append(len(files)) or real(files, *a))
+    return calls
+
+
+def test_only_the_rank_that_builds_the_cache_reads_the_corpus(tmp_path: Path, tok_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed = count_content_hashes(monkeypatch)
+    outs = run_ranks(make_corpus(tmp_path / "corpus"), tok_dir, tmp_path / "run", monkeypatch)
+    assert all("path" in o for o in outs), outs
+    assert hashed == [3]  # one rank hashed the 3 files; the other two compared stat signatures only
+
+
+def test_an_untouched_corpus_is_never_read_again_and_a_touched_one_once(tmp_path: Path, tok_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    corpus, run = make_corpus(tmp_path / "corpus"), tmp_path / "run"
+    hashed = count_content_hashes(monkeypatch)
+    index = resolve_dataset(corpus, tok_dir, run, log=print)
+    shards_before = {p.name: p.read_bytes() for p in index.parent.glob("*.bin")}
+    assert hashed == [3]
+    logs: list[str] = []
+    resolve_dataset(corpus, tok_dir, run, log=logs.append)
+    assert hashed == [3] and "files are unchanged" in logs[0]
+    st = (corpus / "b.py").stat()
+    os.utime(corpus / "b.py", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, another time
+    logs.clear()
+    resolve_dataset(corpus, tok_dir, run, log=logs.append)
+    assert hashed == [3, 3] and "same content" in logs[0]
+    assert {p.name: p.read_bytes() for p in index.parent.glob("*.bin")} == shards_before  # reused, not rebuilt
+    logs.clear()
+    resolve_dataset(corpus, tok_dir, run, log=logs.append)  # the new signature was recorded
+    assert hashed == [3, 3] and "files are unchanged" in logs[0]
+
+
+def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(tmp_path: Path, tok_dir: Path) -> None:
+    """ctime is part of the signature: restoring the mtime after a write cannot hide the write."""
+    import os
+
+    corpus, run = make_corpus(tmp_path / "corpus"), tmp_path / "run"
+    index = resolve_dataset(corpus, tok_dir, run, log=print)
+    st = (corpus / "a.txt").stat()
+    (corpus / "a.txt").write_text(DOCS[0].upper())  # the same length
+    os.utime(corpus / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (corpus / "a.txt").stat().st_size == st.st_size and (corpus / "a.txt").stat().st_mtime_ns == st.st_mtime_ns
+    logs: list[str] = []
+    resolve_dataset(corpus, tok_dir, run, log=logs.append)
+    assert any("rebuilding" in m for m in logs), logs
+    assert DOCS[0].upper() in decode_docs(index.parent, tok_dir)
+
+
+def test_a_rank_waits_for_the_cache_at_most_the_timeout(tmp_path: Path, tok_dir: Path) -> None:
+    corpus, run = make_corpus(tmp_path / "corpus"), tmp_path / "run"
+    inside, leave = threading.Event(), threading.Event()
+
+    def builder() -> None:  # another rank, tokenizing for longer than this one may wait
+        with cache_lock(run):
+            inside.set()
+            leave.wait(30)
+
+    t = threading.Thread(target=builder)
+    t.start()
+    try:
+        assert inside.wait(10)
+        started = time.monotonic()
+        with pytest.raises(DataError) as info:
+            resolve_dataset(corpus, tok_dir, run, log=print, lock_timeout_s=0.5)
+        waited = time.monotonic() - started
+    finally:
+        leave.set()
+        t.join(10)
+    assert info.value.exit_code == ExitCode.DATA
+    msg = str(info.value)
+    assert "waited 0.5 s for another rank to tokenize" in msg and ".data-cache.lock" in msg and "prepare-data" in msg
+    assert 0.5 <= waited < 10  # gave up, rather than waiting for the builder

@@ -52,8 +52,11 @@ def _dataset_votes(rank: int, config: PretrainConfig, env) -> dict[str, tuple]:
     import albor.run_setup as run_setup
 
     out = {"healthy": _open(config, env)}
-    # Rank 1 alone reads a shard whose bytes differ from what index.json promises.
-    corrupt = mock.patch.object(loader, "scan_shard", lambda path, header: ("0" * 64, 0))
+    # Rank 1 alone reads a shard whose header and size differ from what index.json promises (open reads
+    # headers only; a changed byte is the background verification's: tests/test_dist_data_verify.py).
+    corrupt = mock.patch.object(loader, "read_header", side_effect=DataError(
+        "shard train-00000.bin is truncated or corrupt: its header promises 10 tokens (52 bytes) but the file has 7 bytes"
+    ))
     with corrupt if rank == 1 else contextlib.nullcontext():
         out["corrupt_shard_on_1"] = _open(config, env)
     missing = mock.patch.object(
@@ -172,7 +175,7 @@ def test_one_rank_failing_to_open_the_dataset_fails_every_rank_alike(ranks, scen
 
 def test_the_rank_that_failed_names_its_problem_and_its_peer_names_the_rank(ranks):
     own, peer = ranks[1]["votes"]["corrupt_shard_on_1"][3], ranks[0]["votes"]["corrupt_shard_on_1"][3]
-    assert "does not match" in own
+    assert "truncated or corrupt" in own
     assert peer == "opening the dataset failed on rank(s) 1; that rank's error above says why and how to fix it"
     assert ranks[1]["votes"]["os_error_on_1"][3].startswith("opening the dataset failed: OSError")
 

@@ -1,8 +1,14 @@
 """Memory-mapped token dataset and the train / validation batch loaders.
 
-``TokenDataset.open`` checks everything a run could trip over later (index,
-every shard's header, size, sha256 and largest token id) before any model is
-built. Samples are non-overlapping windows of ``seq_length + 1`` tokens over
+``TokenDataset.open`` checks what it can without reading the tokens (the index,
+its fingerprint, every shard's header and file size) before any model is
+built: O(number of shards), whatever the corpus size. The full content check
+(every shard's sha256 and largest token id) is :mod:`albor.data.verify`'s, run
+by ``albor verify-data`` and, in a run, in the background during the first
+steps (docs/data-verification.md). Until it has passed, every batch is checked
+against the vocabulary as it is read, so a corrupt id never reaches the
+embedding (on a GPU an out-of-range id is a device-side assert, not an
+exception). Samples are non-overlapping windows of ``seq_length + 1`` tokens over
 the concatenation of a split's shards, in index order; a window may cross a
 shard boundary (documents are already separated by EOS, so a boundary is just
 another document edge and no tokens are wasted). Leftover tokens after the
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 
 from albor.data.shards import REGENERATE, SPLITS, ShardInfo, dataset_fingerprint, index_path, open_tokens
-from albor.data.shards import read_header, read_index, scan_shard
+from albor.data.shards import read_header, read_index
 from albor.data.tokenizer_match import check_shipped_tokenizer
 from albor.errors import ConfigError, DataError
 
@@ -37,6 +43,8 @@ class Split:
     arrays: tuple[np.ndarray, ...]
     fingerprint: str  # of the whole dataset, so a loader cursor can name its data
     starts: np.ndarray  # (S + 1,) cumulative token offsets of the shards
+    names: tuple[str, ...] = ()  # the shards' file names, for errors
+    vocab_size: int | None = None  # every id read must be below it (None: not checked)
 
     @property
     def num_tokens(self) -> int:
@@ -64,16 +72,33 @@ class Split:
 
     def batch(self, indices: np.ndarray, seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = np.stack([self.window(int(i), seq_length) for i in indices])  # (B, T + 1)
+        if self.vocab_size is not None and w.size and int(w.max()) >= self.vocab_size:
+            self._refuse(w, indices, seq_length)
         t = torch.from_numpy(w)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
+
+    def _refuse(self, w: np.ndarray, indices: np.ndarray, seq_length: int) -> None:
+        """DataError naming the shard and token of the first id in ``w`` the model cannot embed."""
+        row, col = (int(v) for v in np.argwhere(w >= self.vocab_size)[0])
+        at = int(indices[row]) * (seq_length + 1) + col  # in the concatenated split
+        s = int(np.searchsorted(self.starts, at, side="right")) - 1
+        name = self.names[s] if s < len(self.names) else f"{self.name} shard {s}"
+        raise DataError(
+            f"shard {name} holds token id {int(w[row, col])} at token {at - int(self.starts[s])}, not below the model's "
+            f"vocab_size {self.vocab_size}: the shard is corrupt or was made with another tokenizer; run "
+            f"`albor verify-data` on the dataset, and restore the shard or {REGENERATE}"
+        )
 
 
 class TokenDataset:
     """An ``index.json`` and its shards, validated at open."""
 
-    def __init__(self, fingerprint: str, splits: dict[str, Split]):
+    def __init__(self, fingerprint: str, splits: dict[str, Split], *, index_path: Path | None = None,
+                 shard_names: tuple[str, ...] = ()):
         self.fingerprint = fingerprint
         self._splits = splits
+        self.index_path = index_path  # what albor.data.verify checks in full
+        self.shard_names = shard_names  # every shard, in index.json's order
 
     def split(self, name: str) -> Split:
         if name not in self._splits:
@@ -82,7 +107,11 @@ class TokenDataset:
 
     @classmethod
     def open(cls, dataset: str | Path, *, vocab_size: int) -> TokenDataset:
-        """Open an index.json (or its directory) for a model with ``vocab_size``; DataError if unusable."""
+        """Open an index.json (or its directory) for a model with ``vocab_size``; DataError if unusable.
+
+        Reads the index and each shard's 32-byte header and size, never the tokens: the shards
+        are memory-mapped, and their sha256 and largest id are checked by albor.data.verify.
+        """
         path = index_path(dataset)
         index = read_index(path)
         if index["vocab_size"] > vocab_size:
@@ -96,13 +125,13 @@ class TokenDataset:
         check_shipped_tokenizer(path, index)
         infos: list[ShardInfo] = []
         arrays: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        names: dict[str, list[str]] = {s: [] for s in SPLITS}
         for entry in index["shards"]:
             shard_path = path.parent / entry["name"]
             if not shard_path.is_file():
                 raise DataError(f"shard {shard_path} listed in {path} is missing; restore it or {REGENERATE}")
             try:
-                header = read_header(shard_path)
-                sha, max_id = scan_shard(shard_path, header)
+                header = read_header(shard_path)  # magic, version, dtype, and the size its count implies
                 tokens = open_tokens(shard_path, header)
             except OSError as e:
                 raise DataError(
@@ -112,26 +141,17 @@ class TokenDataset:
                 raise DataError(
                     f"shard {shard_path} holds {header.count} tokens but {path} lists {entry['tokens']}; {REGENERATE}"
                 )
-            if sha != entry["sha256"]:
-                raise DataError(
-                    f"shard {shard_path} does not match {path} (sha256 {sha[:16]}…, index says "
-                    f"{entry['sha256'][:16]}…): the file changed after it was written; {REGENERATE}"
-                )
-            if max_id >= vocab_size:
-                raise DataError(
-                    f"shard {shard_path} holds token id {max_id}, not below the model's vocab_size {vocab_size}; "
-                    "use the tokenizer the model was built for or raise the model's vocab_size"
-                )
             infos.append(ShardInfo(entry["name"], entry["split"], entry["tokens"], entry["sha256"]))
             arrays[entry["split"]].append(tokens)
+            names[entry["split"]].append(entry["name"])
         if dataset_fingerprint(infos, index["tokenizer_sha256"], index["format_version"]) != index["fingerprint"]:
             raise DataError(f"index {path} has a fingerprint that does not match its shards; {REGENERATE}")
         splits = {}
         for name in SPLITS:
             counts = [a.shape[0] for a in arrays[name]]
             starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
-            splits[name] = Split(name, tuple(arrays[name]), index["fingerprint"], starts)
-        return cls(index["fingerprint"], splits)
+            splits[name] = Split(name, tuple(arrays[name]), index["fingerprint"], starts, tuple(names[name]), vocab_size)
+        return cls(index["fingerprint"], splits, index_path=path, shard_names=tuple(e["name"] for e in index["shards"]))
 
 
 def index_vocab_size(dataset: str | Path) -> int:

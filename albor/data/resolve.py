@@ -6,10 +6,21 @@ of them), which is tokenized once into ``{run_dir}/data-cache/`` and reused
 while the corpus and tokenizer are unchanged.
 
 Every rank may call this. An exclusive lock on ``{run_dir}/.data-cache.lock``
-makes the first caller build the cache and the others wait for it and reuse
-it. The cache is built beside its final place and moved there when complete;
-when tokenizing fails, the lock file goes too, and so does the run directory
-if this call created it, so a failed run leaves the disk as it found it.
+makes the first caller build the cache and the others wait for it (at most
+``lock_timeout_s``, a run's start-up timeout) and reuse it. The cache is built
+beside its final place and moved there when complete; when tokenizing fails,
+the lock file goes too, and so does the run directory if this call created
+it, so a failed run leaves the disk as it found it.
+
+Is the cache still the corpus? Only the rank holding the lock asks, and it
+first compares a stat signature of the corpus files (path, size, mtime, ctime,
+inode: O(number of files)) with the one recorded in the cache. Any write to a
+file changes its ctime, which user space cannot set back, so an equal
+signature means unchanged content, and the ranks after the first (and every
+later run on an untouched corpus) never read the corpus. Only when the
+signature differs is the content hashed (O(corpus bytes), once, by that one
+rank): the same content (a copy, a ``touch``) reuses the cache and records the
+new signature; other content rebuilds it.
 """
 
 from __future__ import annotations
@@ -17,15 +28,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 from albor.data.corpus import find_corpus_files
-from albor.data.shards import FORMAT_VERSION, INDEX_NAME, read_index
+from albor.data.shards import FORMAT_VERSION, INDEX_NAME, read_index, write_index
 from albor.data.staging import build_into, make_dirs, remove_dirs
 from albor.data.tokenizer import Tokenizer, load_tokenizer
 from albor.data.tokenizer_match import check_tokenizer_matches
@@ -34,6 +47,7 @@ from albor.errors import ConfigError, DataError
 
 CACHE_DIR = "data-cache"
 LOCK_NAME = f".{CACHE_DIR}.lock"
+_LOCK_POLL_S = 0.2  # how often a waiting rank tries the lock again
 
 
 def corpus_fingerprint(files: list[Path], tokenizer_sha: str, val_fraction: float) -> str:
@@ -51,14 +65,28 @@ def corpus_fingerprint(files: list[Path], tokenizer_sha: str, val_fraction: floa
     return h.hexdigest()
 
 
+def corpus_signature(files: list[Path], tokenizer_sha: str, val_fraction: float) -> str:
+    """Cheap identity of the corpus files as they are on disk now (stat only), plus what shapes the shards."""
+    h = hashlib.sha256(f"albor-corpus-stat v{FORMAT_VERSION}\n{tokenizer_sha}\n{val_fraction!r}\n".encode())
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError as e:
+            raise DataError(f"corpus file {p} cannot be read ({e.strerror or e}); check it exists and is readable") from None
+        h.update(f"{p.resolve()} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_dev} {st.st_ino}\n".encode())
+    return h.hexdigest()
+
+
 @contextmanager
-def cache_lock(run_dir: Path) -> Iterator[None]:
+def cache_lock(run_dir: Path, timeout_s: float = math.inf) -> Iterator[None]:
     """Hold the run directory's cache lock; on leaving, remove the lock file and what was created for it.
 
     Both go while the lock is still held, so a waiter may wake up holding a file
     that is gone: it then starts over on a fresh one (compared by inode), in a
     run directory it makes again if need be, and cleans up after itself in turn.
+    A waiter gives up after ``timeout_s`` with a DataError (exit 3).
     """
+    deadline = time.monotonic() + timeout_s
     created: list[Path] = []
     path = run_dir / LOCK_NAME
     f = None
@@ -74,7 +102,7 @@ def cache_lock(run_dir: Path) -> Iterator[None]:
                 raise ConfigError(
                     f"--output-dir {run_dir} cannot be written ({e.strerror or e}); choose a directory you can write"
                 ) from None
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            _wait_for_lock(f, path, deadline, timeout_s)
             held = _is_file_at(f, path)
             if not held:
                 f.close()
@@ -88,6 +116,22 @@ def cache_lock(run_dir: Path) -> Iterator[None]:
             f.close()
 
 
+def _wait_for_lock(f, path: Path, deadline: float, timeout_s: float) -> None:
+    """flock without blocking, polled: a blocking flock could not give up at the start-up timeout."""
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise DataError(
+                    f"waited {timeout_s:g} s for another rank to tokenize the raw corpus into {path.parent / CACHE_DIR} "
+                    f"(it holds {path}); tokenize it once beforehand with `albor prepare-data` and pass its output to "
+                    "--dataset, or raise ALBOR_STARTUP_TIMEOUT_S"
+                ) from None
+            time.sleep(_LOCK_POLL_S)
+
+
 def _is_file_at(f, path: Path) -> bool:
     try:
         held, there = os.fstat(f.fileno()), os.stat(path)
@@ -96,11 +140,13 @@ def _is_file_at(f, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _cached_fingerprint(index_path: Path) -> str | None:
+def _cached_source(index_path: Path) -> dict | None:
+    """The cache's ``source`` record (corpus, fingerprint, signature), or None when there is no usable cache."""
     try:
-        return json.loads(index_path.read_text())["source"]["fingerprint"]
+        source = json.loads(index_path.read_text())["source"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return source if isinstance(source, dict) else None
 
 
 class RunIndex(NamedTuple):
@@ -127,11 +173,13 @@ def run_index(dataset: Path, run_dir: Path) -> RunIndex:
 
 
 def resolve_dataset(
-    dataset: Path, tokenizer_dir: Path | None, run_dir: Path, *, log: Callable[[str], None]
+    dataset: Path, tokenizer_dir: Path | None, run_dir: Path, *, log: Callable[[str], None],
+    lock_timeout_s: float = math.inf,
 ) -> Path:
     """Path of the index.json to train on; tokenizes a raw corpus into the run's cache first.
 
     With a prepared dataset, a ``tokenizer_dir`` must be the tokenizer the dataset was made with.
+    A rank waits at most ``lock_timeout_s`` for another that is tokenizing.
     """
     dataset, run_dir = Path(dataset), Path(run_dir)
     index_path, cached = run_index(dataset, run_dir)
@@ -156,20 +204,28 @@ def resolve_dataset(
             "tokenize it; or run `albor prepare-data` first and pass its index.json"
         )
     tokenizer = load_tokenizer(tokenizer_dir)
-    fingerprint = corpus_fingerprint(files, tokenizer.sha256, DEFAULT_VAL_FRACTION)
-    with cache_lock(run_dir):
-        return _tokenized_cache(dataset, files, tokenizer, fingerprint, index_path.parent, log)
+    with cache_lock(run_dir, lock_timeout_s):
+        return _tokenized_cache(dataset, files, tokenizer, index_path.parent, log)
 
 
 def _tokenized_cache(
-    dataset: Path, files: list[Path], tokenizer: Tokenizer, fingerprint: str, cache: Path, log: Callable[[str], None]
+    dataset: Path, files: list[Path], tokenizer: Tokenizer, cache: Path, log: Callable[[str], None]
 ) -> Path:
     index_path = cache / INDEX_NAME
     # What a rank killed while building left (see albor.data.staging): no one else holds the lock.
     for leftover in [*cache.parent.glob(f".{cache.name}.staging-*"), *cache.parent.glob(f".{cache.name}.old-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
-    if _cached_fingerprint(index_path) == fingerprint:
-        log(f"dataset: reusing tokenized cache {index_path} for corpus {dataset}")
+    signature = corpus_signature(files, tokenizer.sha256, DEFAULT_VAL_FRACTION)
+    source = _cached_source(index_path)
+    if source is not None and source.get("signature") == signature:
+        log(f"dataset: reusing tokenized cache {index_path} for corpus {dataset} (its files are unchanged)")
+        return index_path
+    fingerprint = corpus_fingerprint(files, tokenizer.sha256, DEFAULT_VAL_FRACTION)  # reads the whole corpus, once
+    if source is not None and source.get("fingerprint") == fingerprint:
+        log(f"dataset: reusing tokenized cache {index_path} for corpus {dataset} (same content, new file times)")
+        index = json.loads(index_path.read_text())
+        index["source"] = {**source, "signature": signature}
+        write_index(cache, index)  # the next rank, and the next run, need only the stat signature
         return index_path
     if cache.exists():
         log(f"dataset: {cache} was built from another corpus or tokenizer; rebuilding it")
@@ -177,7 +233,8 @@ def _tokenized_cache(
     # must fail in one cheap pass each, not in one full tokenization each.
     check_documents(files, DEFAULT_VAL_FRACTION, source=str(dataset))
     log(f"dataset: tokenizing raw corpus {dataset} ({len(files)} files) once into {cache}")
-    extra = {"source": {"corpus": str(dataset.resolve()), "files": len(files), "fingerprint": fingerprint}}
+    extra = {"source": {"corpus": str(dataset.resolve()), "files": len(files), "fingerprint": fingerprint,
+                        "signature": signature}}
     build_into(cache, lambda out: prepare_corpus(
         files, tokenizer, out, source=str(dataset), val_fraction=DEFAULT_VAL_FRACTION, extra=extra,
     ))

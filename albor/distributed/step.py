@@ -4,13 +4,14 @@ Every rank writes its numbers into its own slots of one float64 buffer and
 the buffer is SUM-all-reduced once per step. Because no two ranks write the
 same slot, the sum adds only zeros to each value: it is exact, it equals a
 MAX, and it doubles as a gather, so every rank holds every rank's loss, token
-count, fault flags and GPU utilisation after a single collective and a single
-host sync. Flags are never added together, so a count of faulty ranks can
-never masquerade as a flag value.
+count, fault flags, GPU utilisation and data verdict after a single collective
+and a single host sync. Flags are never added together, so a count of faulty
+ranks can never masquerade as a flag value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import traceback
@@ -18,9 +19,11 @@ import traceback
 import torch
 
 from albor.data.loader import TrainLoader
+from albor.distributed.data_verdict import DataVerdict, describe_data_fault
 from albor.distributed.engine import set_lr
 from albor.distributed.optimizer_sha import optimizer_state_sha
 from albor.distributed.process_group import STEP_TIMEOUT_S, DistEnv
+from albor.errors import DataError
 from albor.faults import FaultPlan
 from albor.loop import StepResult
 from albor.loss import chunked_token_loss, token_loss
@@ -29,14 +32,16 @@ from albor.telemetry import GpuUtilization
 
 log = logging.getLogger("albor")
 
-# Per-rank slots of the fused buffer.
-LOSS_SUM, TOKENS, FLAGS, GPU_UTIL, GRAD_NORM = range(5)
-SLOTS = 5
+# Per-rank slots of the fused buffer. DATA_SHARD: the bad shard's position in index.json + 1 (0: none or unknown).
+LOSS_SUM, TOKENS, FLAGS, GPU_UTIL, GRAD_NORM, DATA_SHARD = range(6)
+SLOTS = 6
 # Fault flags, most specific first: the ranks holding the first one present are "the ranks that saw it first".
 LOCAL_ERROR, LOSS_NONFINITE, NORM_INVALID, STEP_SKIPPED = 8, 1, 2, 4
 FLAG_PRIORITY = (LOCAL_ERROR, LOSS_NONFINITE, NORM_INVALID, STEP_SKIPPED)
 # Not a fault: a stop signal reached this rank; every rank stops after this step (albor.stop_signal).
 STOP_REQUESTED = 16
+# Not a step fault either: this rank found the run's data bad (albor.distributed.data_verdict); every rank ends with 3.
+DATA_BAD = 32
 
 
 def batch_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
@@ -54,8 +59,8 @@ def batch_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens
     return chunked_token_loss(hidden, engine.module.lm_head.weight, targets, chunk_tokens)
 
 
-def combine_rows(rows: list[list[float]], *, data_epoch: int) -> StepResult:
-    """Every rank's slots, in rank order, into the step's one result.
+def combine_rows(rows: list[list[float]], *, data_epoch: int, shard_names: tuple[str, ...] = ()) -> StepResult:
+    """Every rank's slots, in rank order, into the step's one result (``shard_names``: index.json's, in order).
 
     Identical arithmetic, in rank order, on identical numbers: an identical verdict on every rank.
     """
@@ -80,6 +85,9 @@ def combine_rows(rows: list[list[float]], *, data_epoch: int) -> StepResult:
         rank_error=error,
         flagged_ranks=flagged,
         stop_requested_ranks=tuple(r for r, f in enumerate(flags) if f & STOP_REQUESTED),
+        data_fault=describe_data_fault(
+            {r: int(rows[r][DATA_SHARD]) for r, f in enumerate(flags) if f & DATA_BAD}, shard_names
+        ),
         extra={"gpu_util_per_rank": utils, "data_epoch": data_epoch},
     )
 
@@ -98,6 +106,7 @@ class DeepSpeedStep:
         faults: FaultPlan | None = None,
         stop: StopSignals | None = None,
         loss_chunk_tokens: int = 0,
+        data_verdict: DataVerdict | None = None,
     ) -> None:
         self.engine = engine
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -107,6 +116,7 @@ class DeepSpeedStep:
         self.gpu = gpu
         self.faults = faults
         self.stop = stop
+        self.data_verdict = data_verdict
         self._buffer = torch.zeros(env.world_size * SLOTS, dtype=torch.float64, device=env.device)
         self._host_row = torch.zeros(SLOTS, dtype=torch.float64)
         if env.device.type == "cuda":
@@ -143,7 +153,7 @@ class DeepSpeedStep:
         set_lr(self.engine, lr)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         tokens = 0
-        failed = False
+        failed = bad_batch = False
         for micro in range(self.grad_accumulation):
             loss = None
             if not failed:
@@ -151,6 +161,11 @@ class DeepSpeedStep:
                     loss, n = self._micro_step(step, micro)
                     loss_sum += loss.detach().double() * n
                     tokens += n
+                except DataError as e:  # a batch the model cannot embed: the data's fault, exit 3, not a crash
+                    failed = bad_batch = True
+                    log.error("rank %d: bad data at step %d: %s", self.env.rank, step, e)
+                    if self.data_verdict is not None:
+                        self.data_verdict.note(str(e))
                 except Exception:  # caught outside any collective: reported through the flags
                     failed = True
                     log.error("rank %d: exception at step %d:\n%s", self.env.rank, step, traceback.format_exc())
@@ -169,9 +184,12 @@ class DeepSpeedStep:
         host = self._host_row
         host[TOKENS] = tokens
         host[GPU_UTIL] = self.gpu.read()
+        problem = self.data_verdict.local_problem() if self.data_verdict is not None else None  # never waits
+        host[DATA_SHARD] = self.data_verdict.slot(problem) if problem is not None else 0
         host[FLAGS] = (
-            (0 if applied else STEP_SKIPPED) + (LOCAL_ERROR if failed else 0)
+            (0 if applied else STEP_SKIPPED) + (LOCAL_ERROR if failed and not bad_batch else 0)
             + (STOP_REQUESTED if self.stop is not None and self.stop.requested else 0)
+            + (DATA_BAD if bad_batch or problem is not None else 0)
         )
         host[GRAD_NORM] = math.nan if norm is None else 0.0 if torch.is_tensor(norm) else float(norm)
         buf = self._buffer.zero_()
@@ -189,7 +207,11 @@ class DeepSpeedStep:
         if not self._first_step_done:
             self._first_step_done = True
             self.env.set_timeout(STEP_TIMEOUT_S)
-        return combine_rows(rows, data_epoch=self.loader.data_epoch)
+        shard_names = self.data_verdict.shard_names if self.data_verdict is not None else ()
+        result = combine_rows(rows, data_epoch=self.loader.data_epoch, shard_names=shard_names)
+        if result.data_fault is not None and self.data_verdict is not None:
+            result = dataclasses.replace(result, data_fault=self.data_verdict.in_own_words(result.data_fault))
+        return result
 
     def optimizer_state_sha(self) -> str:
         return optimizer_state_sha(self.engine, self.env)
