@@ -8,9 +8,12 @@ of the training contract have their own codes in :mod:`albor.contract`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 
 class ExitCode(enum.IntEnum):
@@ -59,6 +62,38 @@ class DataError(AlborError):
     exit_code = ExitCode.DATA
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends a command the way Ctrl-C does (:func:`signals_interrupt`): its clean-up runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_interrupt(*signums: int) -> Iterator[None]:
+    """While the block runs, each of ``signums`` raises :class:`Interrupted` in the main thread, as SIGINT does.
+
+    So a SIGTERM (a Slurm time limit, ``timeout``, ``docker stop``) unwinds
+    the command through its ``finally`` blocks instead of ending the process
+    where it stands. The handlers before are restored after. Off the main
+    thread (where Python cannot set handlers) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {signum: signal.signal(signum, _raise_interrupted) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 class UsageErrorParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and a ConfigError (exit 2), as every albor command reports one."""
 
@@ -66,18 +101,26 @@ class UsageErrorParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def run_command(prog: str, body: Callable[[], int]) -> int:
+def run_command(prog: str, body: Callable[[], int], *, interrupted: str = "") -> int:
     """Run one albor command's ``body`` and return its exit code.
 
     What the user can fix ends as one line on stderr, ``{prog}: error: ...``:
     an :class:`AlborError` with its own code, or a disk that fails under a
     write (full, read-only, gone) with :attr:`ExitCode.DATA`. argparse's
-    ``--help`` returns 0.
+    ``--help`` returns 0. Ctrl-C (or a signal :func:`signals_interrupt` turned
+    into one) ends as one line too, ``{prog}: interrupted by SIGINT`` and
+    ``interrupted`` (what it left behind), with the shell's code for the
+    signal: 128 + N, 130 for SIGINT, 143 for SIGTERM.
     """
     try:
         return body()
     except SystemExit as e:
         return int(e.code or 0)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"{prog}: interrupted by {signal.Signals(signum).name}{'; ' + interrupted if interrupted else ''}",
+              file=sys.stderr)
+        return 128 + int(signum)
     except AlborError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return int(e.exit_code)

@@ -32,7 +32,7 @@ from albor.rank_failure import crash_summary, error_record, is_cause
 from albor.reconcile import reconcile_before_resume
 from albor.resume_plan import launcher_command, resume_command, run_fields
 from albor.run_files import CONFIG_FILE, STATUS_FILE, RunFiles, wait_for_peer_records, write_exit_record, write_start_record
-from albor.run_setup import build_run, open_data
+from albor.run_setup import OpenedData, build_run, open_data
 from albor.stop_signal import StopSignals, watch_launcher
 
 log = logging.getLogger("albor")
@@ -89,6 +89,7 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
         )
     code = ExitCode.INTERNAL_ERROR
     failure: dict | None = None  # the exception that ended this rank, for its exit record
+    data: OpenedData | None = None
     try:
         data = open_data(config, env)
         accumulation = ds["gradient_accumulation_steps"]
@@ -176,6 +177,10 @@ def train(config: PretrainConfig, *, argv: list[str] | None = None) -> ExitCode:
             files.write_json(STATUS_FILE, _crash_status(failure, env, loop, config, code))
         return code
     finally:
+        # However the run ended, its data's verdict is no longer wanted: the verification's reader threads
+        # stop at their next chunk instead of keeping the process alive until every shard is hashed.
+        if data is not None and data.verdict.verification is not None:
+            data.verdict.verification.cancel()
         if files is not None:  # the run started: its directory holds this rank's record
             # Before the process exits: its exit is what fails its peers' collectives, so rank 0 finds it.
             write_exit_record(config.output_dir, env.rank, int(code), error=failure)

@@ -562,3 +562,76 @@ def test_filters_that_drop_every_record_are_named(tmp_path: Path, capsys: pytest
     assert code == 3, err
     assert f"dropped ({len(rows)} by --languages)" in err and "compare exactly" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "data").exists()
+
+
+# ---- a long line and a big row group: what a reader holds ------------------------------------------------
+
+
+def test_a_range_inside_a_long_line_skips_it_in_bounded_pieces(tmp_path: Path, monkeypatch) -> None:
+    """A range starting inside a 2 MB line reads a piece at a time, and no further than its own end."""
+    from albor.data import corpus_jsonl
+    from albor.data.records import RecordGate
+
+    long_text = "def x(): pass  " * 140_000
+    long = json.dumps({"text": long_text}).encode() + b"\n"
+    short = b'{"text": "short"}\n'
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(long + short)
+    piece = 4096
+    monkeypatch.setattr(corpus_jsonl, "READ_BUFFER", piece)
+    read: list[int] = []  # bytes each readline returned
+    real_open = open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def seek(self, *args):
+            return self.f.seek(*args)
+
+        def readline(self, *args):
+            line = self.f.readline(*args)
+            read.append(len(line))
+            return line
+
+    monkeypatch.setattr(corpus_jsonl, "open", Spy, raising=False)
+    gate = RecordGate(ReadOptions(), ReadCounts())
+    # Wholly inside the long line: no document, and not much more read than the range itself.
+    assert list(corpus_jsonl.read_jsonl_range(path, 1000, 51_000, gate)) == []
+    assert max(read) <= piece and sum(read) <= 50_000 + piece
+    # The range holding the short line's start skips the rest of the long one in pieces, then reads it.
+    read.clear()
+    docs = list(corpus_jsonl.read_jsonl_range(path, 1_000_000, len(long) + len(short), gate))
+    assert [d.text for d in docs] == ["short"] and max(read) <= piece
+    monkeypatch.undo()
+    # Cut into many ranges, the file still reads as its two documents, each once.
+    units = plan_units([path], target_bytes=300_000)
+    assert len(units) > 5
+    counts = ReadCounts()
+    assert [d.text for u in units for d in read_unit(u, ReadOptions(), counts)] == [long_text, "short"]
+
+
+def test_a_parquet_row_group_above_the_limit_is_warned_about(tmp_path: Path, monkeypatch) -> None:
+    from albor.data import corpus_columnar
+
+    path = write_corpus(tmp_path, "parquet", RECORDS, row_group_size=3)
+    largest = max(pq.ParquetFile(path).metadata.row_group(i).total_byte_size for i in range(3))
+    warned: list[str] = []
+
+    class Log:
+        def warning(self, message: str, *args) -> None:
+            warned.append(message % args)
+
+    monkeypatch.setattr(corpus_columnar, "log", Log())
+    monkeypatch.setattr(corpus_columnar, "PARQUET_ROW_GROUP_WARN_BYTES", largest)
+    plan_units([path])
+    assert warned == []  # at the limit: no warning
+    monkeypatch.setattr(corpus_columnar, "PARQUET_ROW_GROUP_WARN_BYTES", largest - 1)
+    plan_units([path])
+    assert len(warned) == 1 and str(path) in warned[0] and "holds its text column whole" in warned[0]

@@ -7,6 +7,7 @@ units (the output does not depend on the cut, which is what is tested).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -185,12 +186,25 @@ def test_combined_parts_are_byte_identical_to_one_machine(tmp_path: Path, parted
     assert [tree_bytes(d) for d in parts] == before
 
 
+def test_a_part_records_the_sha256_of_each_spill_file(parted) -> None:
+    _, parts, _ = parted
+    for d in parts:
+        manifest = json.loads((d / "part.json").read_text())
+        assert manifest["format_version"] == 2
+        for u, summary in manifest["units"].items():
+            assert summary["sha256"] == {
+                split: hashlib.sha256((d / f"unit-{int(u):07d}.{split}.tok").read_bytes()).hexdigest()
+                for split in ("train", "val")}
+
+
 @pytest.mark.parametrize("case,code,needle", [
     ("missing", 2, "part 1/3 missing: --combine needs all 3 part directories"),
     ("twice", 2, "part 0/3 is given twice"),
     ("unfinished", 3, "holds no part.json"),
     ("spill gone", 3, "is missing from part"),
     ("spill short", 3, "has 2 bytes, part"),
+    ("spill flipped", 3, "recorded"),  # same size, one bit changed: bit rot, a bad copy
+    ("summary malformed", 3, "lacks a valid summary for unit"),
     ("other tokenizer", 3, "differ in their recipe"),
     ("other corpus", 3, "differ in their unit plan"),
     ("with input", 2, "INPUT does not apply to --combine"),
@@ -212,6 +226,18 @@ def test_combine_refuses(tmp_path: Path, tok_dir: Path, parted, capsys, case: st
         next(parts[2].glob("unit-*.train.tok")).unlink()
     elif case == "spill short":
         next(p for p in parts[2].glob("unit-*.train.tok") if p.stat().st_size > 2).write_bytes(b"xx")
+    elif case == "spill flipped":
+        spill = max(parts[2].glob("unit-*.train.tok"), key=lambda p: p.stat().st_size)
+        raw = bytearray(spill.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        spill.write_bytes(bytes(raw))
+        needle = f"{spill} has sha256 {hashlib.sha256(raw).hexdigest()}, but part {parts[2]} recorded"
+    elif case == "summary malformed":
+        manifest = json.loads((parts[1] / "part.json").read_text())
+        unit = sorted(manifest["units"])[0]
+        del manifest["units"][unit]["split"]["tokens"]
+        (parts[1] / "part.json").write_text(json.dumps(manifest))
+        needle = f"{parts[1] / 'part.json'} lacks a valid summary for unit {unit}; prepare that part again"
     elif case == "other tokenizer":
         other = make_tokenizer(tmp_path / "tok2", vocab_size=290)
         shutil.rmtree(parts[1])

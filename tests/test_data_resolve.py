@@ -385,3 +385,27 @@ def test_a_rank_waits_for_the_cache_at_most_the_timeout(tmp_path: Path, tok_dir:
     msg = str(info.value)
     assert "waited 0.5 s for another rank to tokenize" in msg and ".data-cache.lock" in msg and "prepare-data" in msg
     assert 0.5 <= waited < 10  # gave up, rather than waiting for the builder
+
+
+def test_the_stat_signature_opens_each_file_so_nfs_revalidates_it(tmp_path: Path, monkeypatch) -> None:
+    """An NFS client may answer a path's stat from its attribute cache; an open makes it ask the server."""
+    import os
+
+    from albor.data import resolve
+
+    files = [tmp_path / "a.txt", tmp_path / "b.jsonl"]
+    for f in files:
+        f.write_text("x\n")
+    real_open = os.open
+    opened: list[str] = []
+
+    def spy_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    before = resolve.corpus_signature(files, "0" * 64, 0.02)
+    assert opened == [str(f) for f in files]
+    monkeypatch.undo()
+    files[0].write_text("y\n")  # same size, new mtime and ctime
+    assert resolve.corpus_signature(files, "0" * 64, 0.02) != before

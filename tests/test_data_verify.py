@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,89 @@ def test_background_verification_reports_only_once_finished(tmp_path: Path, monk
     problem = job.wait()
     assert job.done and problem is not None and problem.name == "train-00004.bin" and problem.position == 4
     assert job.problem is problem
+
+
+def test_a_cancelled_verification_stops_its_threads_at_once(tmp_path: Path, monkeypatch) -> None:
+    """Its reader threads are joined at interpreter exit: uncancelled, a finished run waited for every shard."""
+    import albor.data.verify as verify
+
+    p = arange_dataset(tmp_path)  # 7 shards
+
+    def slow_scan(path, header, on_bytes=None):  # 10 s a shard, in chunks of 10 ms: slow shared storage
+        for _ in range(1000):
+            time.sleep(0.01)
+            if on_bytes is not None:
+                on_bytes(1)
+        return "0" * 64, 0
+
+    monkeypatch.setattr(verify, "scan_shard", slow_scan)
+    finished: list[object] = []
+    job = BackgroundVerification(p, vocab_size=65536, workers=2, on_done=lambda *a: finished.append(a)).start()
+    time.sleep(0.2)
+    assert not job.done
+    started = time.monotonic()
+    job.cancel()
+    problem = job.wait()
+    readers = [t for t in threading.enumerate() if t.name.startswith("albor-verify")]
+    for t in readers:
+        t.join(timeout=2)
+    assert time.monotonic() - started < 2
+    assert not any(t.is_alive() for t in readers)
+    assert problem is not None and "cancelled" in problem.message  # never a good verdict
+    assert finished == []  # no "verified" log line for a run that has ended
+
+
+def test_ctrl_c_in_verify_data_does_not_wait_for_every_shard(tmp_path: Path, monkeypatch) -> None:
+    import albor.data.verify as verify
+
+    p = arange_dataset(tmp_path)  # 7 shards
+
+    def slow_scan(path, header, on_bytes=None):  # 10 s a shard, in chunks of 10 ms
+        for _ in range(1000):
+            time.sleep(0.01)
+            if on_bytes is not None:
+                on_bytes(1)
+        return "0" * 64, 0
+
+    real_check = verify.check_shard
+
+    def check(directory, position, *args):
+        if position == 0:
+            time.sleep(0.2)
+            raise KeyboardInterrupt  # reaches the main thread from the shard's future, as Ctrl-C would there
+        return real_check(directory, position, *args)
+
+    monkeypatch.setattr(verify, "scan_shard", slow_scan)
+    monkeypatch.setattr(verify, "check_shard", check)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        verify_dataset(p, workers=2)
+    assert time.monotonic() - started < 3
+
+
+def test_a_run_that_ends_cancels_its_verification(tmp_path: Path, monkeypatch) -> None:
+    """train.train cancels the background verification however it ends (here: refused after opening the data)."""
+    from types import SimpleNamespace
+
+    import albor.train as train
+
+    cancelled: list[bool] = []
+    data = SimpleNamespace(verdict=SimpleNamespace(verification=SimpleNamespace(cancel=lambda: cancelled.append(True))))
+    monkeypatch.setattr(train, "preflight", lambda config: SimpleNamespace(
+        faults=None, ds_config={"gradient_accumulation_steps": 1}, ds_config_path=tmp_path / "ds.json"))
+    monkeypatch.setattr(train, "StopSignals", lambda on_force: SimpleNamespace(install=lambda: None, settle=lambda: None))
+    monkeypatch.setattr(train, "watch_launcher", lambda stop: None)
+    monkeypatch.setattr(train, "init_distributed", lambda: SimpleNamespace(rank=0, world_size=1, is_main=True))
+    monkeypatch.setattr(train, "setup_logging", lambda rank, world_size: None)
+    monkeypatch.setattr(train, "open_data", lambda config, env: data)
+
+    def unwritable(*args, **kwargs):
+        raise DataError("the run directory cannot be written")
+
+    monkeypatch.setattr(train, "RunFiles", unwritable)
+    with pytest.raises(DataError, match="cannot be written"):
+        train.train(SimpleNamespace(resume=None, init_from=None, output_dir=tmp_path / "run"))
+    assert cancelled == [True]
 
 
 def test_a_verification_that_cannot_run_counts_as_a_problem(tmp_path: Path) -> None:

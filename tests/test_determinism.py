@@ -125,7 +125,8 @@ def test_metadata_and_status_record_it(tmp_path, on):
     parts = RunParts(
         engine=types.SimpleNamespace(gradient_accumulation_steps=lambda: 1),
         data=types.SimpleNamespace(model_cfg=model_preset("tiny", vocab_size=64),
-                                   dataset=types.SimpleNamespace(fingerprint="f" * 16)),
+                                   dataset=types.SimpleNamespace(fingerprint="f" * 16),
+                                   verdict=types.SimpleNamespace(settle=lambda: None)),  # data verified
         step_fn=LinearDecay(), val_fn=ScriptedVal([2.0]), checkpoint=RecordingCheckpoint(),
         gpu=None, device_name=None, peak_flops=None,
     )

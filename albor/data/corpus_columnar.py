@@ -16,6 +16,7 @@ not needed to read them).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,12 @@ import pyarrow.parquet as pq
 from albor.data.records import EXT_FIELD, LANG_FIELD, Document, RecordGate
 from albor.errors import ConfigError, DataError
 
+log = logging.getLogger("albor")
+
 PARQUET_BATCH_ROWS = 512  # rows decoded at once: a few MB of source code
+# pyarrow decodes a row group's column chunk whole, however few rows a batch asks for: a reader holds its
+# row group's text column. Above this (uncompressed), the planner warns that memory grows with it.
+PARQUET_ROW_GROUP_WARN_BYTES = 256 << 20
 ARROW_FILE_MAGIC = b"ARROW1"  # the random-access IPC format; datasets writes the stream format
 DATASET_STATE = "state.json"
 DATASET_INFO = "dataset_info.json"
@@ -109,12 +115,23 @@ def _batch_documents(batch: pa.RecordBatch, first_row: int, path: Path, gate: Re
 
 
 def parquet_row_groups(path: Path) -> list[tuple[int, int]]:
-    """(rows, uncompressed bytes) of each row group of ``path``, from its footer alone."""
+    """(rows, uncompressed bytes) of each row group of ``path``, from its footer alone.
+
+    Warns (once per file) when a row group is larger than
+    :data:`PARQUET_ROW_GROUP_WARN_BYTES` uncompressed: each worker reading it
+    holds its text column whole.
+    """
     try:
         meta = pq.ParquetFile(path).metadata
     except _BROKEN as e:
         raise _broken(path, "parquet", e) from None
     groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    largest = max((rg.total_byte_size for rg in groups), default=0)
+    if largest > PARQUET_ROW_GROUP_WARN_BYTES:
+        log.warning("%s has row groups of up to %d MiB uncompressed: a worker reading one holds its text column "
+                    "whole (pyarrow decodes a column chunk at once), so memory grows with --workers times that; "
+                    "lower --workers if memory is short, or rewrite the file with smaller row groups "
+                    "(e.g. pyarrow.parquet.write_table(..., row_group_size=10000))", path, largest >> 20)
     # Some writers leave total_byte_size 0; the compressed size still balances the units.
     return [(rg.num_rows, rg.total_byte_size or sum(rg.column(j).total_compressed_size for j in range(rg.num_columns)))
             for rg in groups]

@@ -79,8 +79,14 @@ def read_jsonl_range(path: Path, start: int, stop: int, gate: RecordGate) -> Ite
             offset = 0
             if start > 0:
                 # The line running through `start - 1` (possibly just its newline) belongs to the range before.
+                # Skipped a bounded piece at a time, and only up to `stop`: a line of many GB spans many
+                # ranges, and each of them would otherwise read (and hold) the whole rest of it.
                 f.seek(start - 1)
-                offset = start - 1 + len(f.readline())
+                offset = start - 1
+                while piece := f.readline(READ_BUFFER):
+                    offset += len(piece)
+                    if piece.endswith(b"\n") or offset >= stop:
+                        break
             while offset < stop:
                 line = f.readline()
                 if not line:

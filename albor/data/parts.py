@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from contextlib import closing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Any
 
 from albor.atomic_files import write_bytes_atomic
 from albor.data.corpus import CorpusUnit, ReadOptions
-from albor.data.spill import SpillReader
+from albor.data.spill import SpillReader, summary_counts
+from albor.data.split import UnitSplit
 from albor.data.shards import SPLITS
 from albor.data.tokenizer import Tokenizer
 from albor.data.tokenizing import Recipe, check_val_fraction, check_workers, corpus_extra, corpus_units, make_job
@@ -37,7 +39,7 @@ from albor.errors import ConfigError, DataError
 
 PART_MANIFEST = "part.json"
 PART_FORMAT = "albor-prepare-part"
-PART_FORMAT_VERSION = 1
+PART_FORMAT_VERSION = 2  # 2: each unit's summary holds its spill files' sha256
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -109,11 +111,15 @@ class Part:
 _MANIFEST_KEYS = {"part": int, "parts": int, "corpus": str, "plan": dict, "recipe": dict, "extra": dict, "units": dict}
 
 
+def _rerun(directory: Path) -> str:
+    return f"prepare that part again (`albor prepare-data ... --part K/N --output {directory}`)"
+
+
 def _read_part(directory: Path) -> Part:
     if not directory.is_dir():
         raise ConfigError(f"--combine {directory} is not a directory; pass the --output directories of the parts")
     path = directory / PART_MANIFEST
-    rerun = f"prepare that part again (`albor prepare-data ... --part K/N --output {directory}`)"
+    rerun = _rerun(directory)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -182,20 +188,40 @@ def read_parts(directories: list[Path]) -> list[Part]:
             raise DataError(f"{p.directory / PART_MANIFEST} lists other units than part {k}/{n} of "
                             f"{count} units; prepare that part again")
         for u, summary in p.manifest["units"].items():
-            tokens = {split: summary["split"]["tokens"][split] for split in SPLITS}
+            tokens = _unit_tokens(summary, p.directory / PART_MANIFEST, u, _rerun(p.directory))
             SpillReader(p.directory, int(u), dtype_code, lambda split, tokens: None).check(
                 tokens, f"part {p.directory}")
     return [by_number[k] for k in range(n)]
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _unit_tokens(summary: Any, path: Path, unit: str, rerun: str) -> dict[str, int]:
+    """Each split's token count in a unit's summary, once every field the merge reads is checked; else a DataError."""
+    try:
+        UnitSplit.from_json(summary["split"], 0.0)
+        summary_counts(summary)
+        tokens = {split: summary["split"]["tokens"][split] for split in SPLITS}
+        if not all(type(t) is int and t >= 0 for t in tokens.values()):
+            raise ValueError("token counts")
+        if not all(isinstance(summary["sha256"][split], str) and _SHA256.match(summary["sha256"][split])
+                   for split in SPLITS):
+            raise ValueError("sha256")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DataError(f"{path} lacks a valid summary for unit {unit}; {rerun}") from None
+    return tokens
+
+
 def combine_parts(parts: list[Part], output: Path, *, shard_tokens: int) -> Path:
     """Merge checked ``parts`` (from :func:`read_parts`) into a dataset under the fresh directory ``output``.
 
-    The parts are read, not changed. Returns the path of index.json.
+    The parts are read, not changed; each spill file is checked against the
+    sha256 its part recorded while it is copied. Returns the path of index.json.
     """
     first = parts[0].manifest
     n, count = first["parts"], first["plan"]["units"]
     units = ((parts[u % n].directory, u, parts[u % n].manifest["units"][str(u)]) for u in range(count))
     output.mkdir(parents=True, exist_ok=True)
     return merge_units(units, output, Recipe(**first["recipe"]), source=first["corpus"], shard_tokens=shard_tokens,
-                       extra=first["extra"], delete=False)
+                       extra=first["extra"], delete=False, check_sha256=True)

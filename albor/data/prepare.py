@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from albor.data.spill import SPILL_RE
 from albor.data.staging import publish
 from albor.data.tokenizer import load_tokenizer
 from albor.data.tokenizing import DEFAULT_VAL_FRACTION, check_workers, prepare_corpus
-from albor.errors import ConfigError, run_command
+from albor.errors import ConfigError, run_command, signals_interrupt
 
 _SHARD_RE = re.compile(r"^(train|val)-\d{5}\.bin$")
 
@@ -189,4 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    return run_command("albor prepare-data", body)
+    # SIGTERM (a Slurm time limit or scancel, `timeout`, `docker stop`) unwinds like Ctrl-C: the workers are
+    # killed and the staging directory beside --output removed. Only SIGKILL leaves a `.OUTPUT.staging-*`.
+    with signals_interrupt(signal.SIGTERM):
+        return run_command("albor prepare-data", body,
+                           interrupted="--output was left as it was (nothing of this run remains)")

@@ -66,11 +66,19 @@ def corpus_fingerprint(files: list[Path], tokenizer_sha: str, val_fraction: floa
 
 
 def corpus_signature(files: list[Path], tokenizer_sha: str, val_fraction: float) -> str:
-    """Cheap identity of the corpus files as they are on disk now (stat only), plus what shapes the shards."""
+    """Cheap identity of the corpus files as they are on disk now (no byte read), plus what shapes the shards.
+
+    Each file is opened, then fstat'ed: an NFS client may answer a plain stat from its
+    attribute cache (up to acregmax, 60 s by default), while an open revalidates it.
+    """
     h = hashlib.sha256(f"albor-corpus-stat v{FORMAT_VERSION}\n{tokenizer_sha}\n{val_fraction!r}\n".encode())
     for p in files:
         try:
-            st = p.stat()
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise DataError(f"corpus file {p} cannot be read ({e.strerror or e}); check it exists and is readable") from None
         h.update(f"{p.resolve()} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_dev} {st.st_ino}\n".encode())

@@ -117,13 +117,18 @@ def merge_units(
     shard_tokens: int,
     extra: dict[str, Any],
     delete: bool,
+    check_sha256: bool = False,
     merged: Callable[[int], None] = lambda unit_id: None,
 ) -> Path:
     """Write the units' tokens, in the order given, as shards and index.json under ``output``.
 
     ``units`` yields each unit's spill directory, id and summary; with
-    ``delete`` its spill files go once merged. ``merged(unit_id)`` is called
-    after each unit. Returns the path of index.json.
+    ``delete`` its spill files go once merged. With ``check_sha256`` each spill
+    file is hashed as it is copied and must match its summary's sha256 (a part
+    that came from another machine); a one-machine merge skips it, since its
+    spill files were written moments ago by this run's own workers, into its
+    own scratch directory, and are deleted once merged: nothing copied them.
+    ``merged(unit_id)`` is called after each unit. Returns the path of index.json.
     """
     dtype_code = recipe.dtype_code
     writers = {split: ShardWriter(output, split, dtype_code=dtype_code, shard_tokens=shard_tokens)
@@ -132,8 +137,10 @@ def merge_units(
     counts = ReadCounts()
     try:
         for directory, unit_id, summary in units:
-            reader = SpillReader(directory, unit_id, dtype_code, lambda split, tokens: writers[split].write(tokens))
+            reader = SpillReader(directory, unit_id, dtype_code, lambda split, tokens: writers[split].write(tokens),
+                                 sha256=summary["sha256"] if check_sha256 else None)
             splitter.add_unit(UnitSplit.from_json(summary["split"], recipe.val_fraction), reader)
+            reader.check_sha256(f"part {directory}")
             counts.add(summary_counts(summary))
             if delete:
                 reader.delete()

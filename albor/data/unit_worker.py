@@ -37,6 +37,7 @@ from albor.errors import DataError
 
 BATCH_BYTES = 1 << 20  # text per encode_batch call; one worker runs it on one core, so bigger gains nothing
 UNITS_PER_WORKER = 2  # handed out but not yet merged, per worker: one tokenizing, one waiting
+WORKER_EXIT_S = 5.0  # how long a worker killed with SIGTERM may take to go before SIGKILL
 
 
 def default_workers() -> int:
@@ -56,10 +57,6 @@ class UnitJob:
     spill_dir: Path
 
 
-class _Stopped(Exception):
-    """Another unit failed: this one's result is not wanted."""
-
-
 def _batches(docs: Iterable[Document], batch_bytes: int) -> Iterator[list[Document]]:
     batch: list[Document] = []
     size = 0
@@ -73,11 +70,10 @@ def _batches(docs: Iterable[Document], batch_bytes: int) -> Iterator[list[Docume
         yield batch
 
 
-def tokenize_unit(job: UnitJob, tokenizer: Tokenizer, unit_id: int, unit: CorpusUnit,
-                  stop: Any = None) -> dict[str, Any]:
+def tokenize_unit(job: UnitJob, tokenizer: Tokenizer, unit_id: int, unit: CorpusUnit) -> dict[str, Any]:
     """Tokenize one unit into its spill files; returns its summary (:func:`albor.data.spill.unit_summary`).
 
-    Every document is followed by EOS. ``stop`` (an Event) ends the work early.
+    Every document is followed by EOS.
     """
     counts = ReadCounts()
     unit_split = UnitSplit(job.val_fraction)
@@ -85,8 +81,6 @@ def tokenize_unit(job: UnitJob, tokenizer: Tokenizer, unit_id: int, unit: Corpus
     eos = tokenizer.eos_id
     try:
         for batch in _batches(read_unit(unit, job.options, counts), BATCH_BYTES):
-            if stop is not None and stop.is_set():
-                raise _Stopped
             for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
                 tokens = np.empty(len(ids) + 1, dtype=spill.dtype)
                 tokens[:-1] = ids
@@ -96,19 +90,19 @@ def tokenize_unit(job: UnitJob, tokenizer: Tokenizer, unit_id: int, unit: Corpus
     except BaseException:
         spill.abort()
         raise
-    return unit_summary(unit_split, counts)
+    return unit_summary(unit_split, counts, spill.sha256())
 
 
 # ---- the worker processes ----------------------------------------------------------------------------
 
-_worker: dict[str, Any] = {}  # this worker process's job, stop event and (once loaded) tokenizer
+_worker: dict[str, Any] = {}  # this worker process's job and (once loaded) tokenizer
 
 
-def _start_worker(job: UnitJob, stop: Any) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
+def _start_worker(job: UnitJob) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it ends us
     os.environ["RAYON_NUM_THREADS"] = "1"  # before the first encode starts Rayon's pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(job=job, stop=stop)
+    _worker.update(job=job)
 
 
 def _run_unit(unit_id: int, unit: CorpusUnit) -> dict[str, Any]:
@@ -118,7 +112,7 @@ def _run_unit(unit_id: int, unit: CorpusUnit) -> dict[str, Any]:
         if tokenizer.sha256 != job.tokenizer_sha256:
             raise DataError(f"tokenizer {job.tokenizer_dir} changed while prepare-data was running; run it again")
         _worker["tokenizer"] = tokenizer
-    return tokenize_unit(job, _worker["tokenizer"], unit_id, unit, _worker["stop"])
+    return tokenize_unit(job, _worker["tokenizer"], unit_id, unit)
 
 
 @contextmanager
@@ -135,12 +129,35 @@ def _one_thread() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop ``pool`` now: the units waiting never start, the running ones are killed, and every worker is joined.
+
+    Their output is unwanted (their spill files go with the scratch directory),
+    so nothing is waited for: not a unit that reads a whole large file while
+    its filters drop every record, not a worker the pool would otherwise join
+    only at interpreter exit (a second Ctrl-C during a graceful shutdown used
+    to leave the process hung there, its idle workers never told to exit).
+    """
+    # The executor has no public way to end its workers (Python 3.14's terminate_workers aside).
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:  # every worker signalled first: a second Ctrl-C after this loop leaves none running
+        if p.is_alive():
+            p.terminate()  # SIGTERM: a worker ignores only SIGINT
+    for p in processes:
+        p.join(WORKER_EXIT_S)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def tokenize_units(job: UnitJob, tokenizer: Tokenizer, units: list[tuple[int, CorpusUnit]],
                    workers: int) -> Iterator[tuple[int, dict[str, Any]]]:
     """(unit id, summary) of each of ``units``, in their order, tokenized by ``workers`` processes.
 
     The caller takes each unit's spill files before asking for the next one. A
-    failure in any unit raises here, once the other workers have stopped.
+    failure in any unit raises here, and any failure or interrupt (here, or in
+    the caller: closing this generator) first kills and joins the workers.
     """
     workers = max(1, min(workers, len(units)))
     if workers == 1:
@@ -150,28 +167,27 @@ def tokenize_units(job: UnitJob, tokenizer: Tokenizer, units: list[tuple[int, Co
         return
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])  # imported once in the server, not in every worker
-    stop = context.Event()
     pending: deque[tuple[int, Future]] = deque()
     todo = iter(units)
-    paths = {unit_id: unit.path for unit_id, unit in units}
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job, stop)) as pool:
-        try:
-            while True:
-                while len(pending) < UNITS_PER_WORKER * workers and (item := next(todo, None)) is not None:
-                    pending.append((item[0], pool.submit(_run_unit, *item)))
-                if not pending:
-                    return
-                unit_id, future = pending.popleft()
-                try:
-                    summary = future.result()
-                except BrokenProcessPool:  # killed: the OOM killer, most likely
-                    raise DataError(
-                        f"a prepare-data worker process died while tokenizing {paths[unit_id]} (killed, or out of "
-                        "memory?); run again with fewer --workers"
-                    ) from None
-                yield unit_id, summary
-        except BaseException:
-            stop.set()  # the running units end at their next batch; the waiting ones never start
-            for _, future in pending:
-                future.cancel()
-            raise
+    merged = 0  # units yielded so far: units[merged] is the first whose result is still to come
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job,))
+    try:
+        while True:
+            while len(pending) < UNITS_PER_WORKER * workers and (item := next(todo, None)) is not None:
+                pending.append((item[0], pool.submit(_run_unit, *item)))
+            if not pending:
+                break
+            unit_id, future = pending.popleft()
+            summary = future.result()
+            yield unit_id, summary
+            merged += 1
+        pool.shutdown()  # every worker idle: they exit at once
+    except BrokenProcessPool:  # a worker was killed (the OOM killer, most likely): every pending unit fails with it
+        _end_workers(pool)
+        raise DataError(
+            f"a prepare-data worker process died (killed, or out of memory?) while tokenizing the units from "
+            f"{units[merged][1].path} onwards; run again with fewer --workers"
+        ) from None
+    except BaseException:
+        _end_workers(pool)
+        raise

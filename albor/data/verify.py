@@ -29,6 +29,10 @@ from albor.data.shards import REGENERATE, ShardInfo, dataset_fingerprint, index_
 from albor.errors import DataError
 
 
+class Cancelled(Exception):
+    """The verification was cancelled (:meth:`BackgroundVerification.cancel`) before it finished."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardProblem:
     """One shard that does not hold what index.json says; ``message`` is one line with the fix."""
@@ -101,13 +105,15 @@ def check_shard(
 
 def verify_dataset(
     dataset: str | Path, *, vocab_size: int | None = None, workers: int | None = None, progress: bool = False,
+    cancel: threading.Event | None = None,
 ) -> VerifyReport:
     """Check every shard of ``dataset`` (an index.json or its directory) in full, on ``workers`` threads.
 
     ``vocab_size`` defaults to the index's own. Problems with the index itself (not JSON, a
     fingerprint that does not match its shard list) raise DataError; problems with shards are
     collected, one per shard, so one pass names every bad shard. ``progress`` shows a byte
-    bar on a terminal (tqdm stays silent when stderr is not one).
+    bar on a terminal (tqdm stays silent when stderr is not one). Once ``cancel`` is set,
+    every thread stops at its next chunk (and no shard starts): :class:`Cancelled` is raised.
     """
     path = index_path(dataset)
     index = read_index(path)
@@ -123,15 +129,28 @@ def verify_dataset(
               leave=False) as bar:
         lock = threading.Lock()
 
-        def advance(n: int) -> None:
-            with lock:
-                bar.update(n)
+        stop = threading.Event() if cancel is None else cancel
 
+        def advance(n: int) -> None:
+            if stop.is_set():
+                raise Cancelled
+            if progress:
+                with lock:
+                    bar.update(n)
+
+        def check(item: tuple[int, dict[str, Any]]) -> ShardProblem | None:
+            if stop.is_set():
+                raise Cancelled
+            return check_shard(path.parent, item[0], item[1], vocab, advance)
+
+        # The pool's threads are joined (on leaving the block, and at interpreter exit) only after every
+        # shard queued: stopping must empty the queue and end the shards being read.
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="albor-verify") as pool:
-            found = list(pool.map(
-                lambda item: check_shard(path.parent, item[0], item[1], vocab, advance if progress else None),
-                enumerate(entries),
-            ))
+            try:
+                found = list(pool.map(check, enumerate(entries)))
+            except BaseException:  # Ctrl-C in verify-data, or a bug: not after reading every other shard
+                stop.set()
+                raise
     problems = tuple(p for p in found if p is not None)
     return VerifyReport(path, len(entries), total, time.perf_counter() - started, workers, problems)
 
@@ -149,6 +168,8 @@ class BackgroundVerification:
     The training loop never waits for it, except before the first checkpoint
     (albor.distributed.data_verdict). Any failure of the verification itself
     (the index gone, a bug) counts as a problem: unverified data is never trusted.
+    A run that ends calls :meth:`cancel`: its reader threads would otherwise keep
+    the process alive (they are joined at exit) until every shard was hashed.
     """
 
     def __init__(self, dataset: Path, *, vocab_size: int, workers: int,
@@ -157,6 +178,7 @@ class BackgroundVerification:
         self.report: VerifyReport | None = None
         self._problem: ShardProblem | None = None
         self._done = threading.Event()
+        self._cancel = threading.Event()
         self._on_done = on_done
         self._thread = threading.Thread(target=self._run, name="albor-verify-data", daemon=True)
 
@@ -164,10 +186,21 @@ class BackgroundVerification:
         self._thread.start()
         return self
 
+    def cancel(self) -> None:
+        """Stop the verification: each thread at its next chunk; no shard starts. Does not wait.
+
+        A cancelled verification reports a problem (its data stays unverified) and calls no ``on_done``.
+        """
+        self._cancel.set()
+
     def _run(self) -> None:
         try:
-            self.report = verify_dataset(self.dataset, vocab_size=self.vocab_size, workers=self.workers)
+            self.report = verify_dataset(self.dataset, vocab_size=self.vocab_size, workers=self.workers,
+                                         cancel=self._cancel)
             self._problem = self.report.first_problem
+        except Cancelled:
+            self._problem = ShardProblem(-1, index_path(self.dataset).name, "the dataset verification was cancelled")
+            return  # done (the finally), with no on_done: the run that wanted its verdict has ended
         except Exception as e:  # DataError from the index, or anything else: the data stays unverified
             detail = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
             self._problem = ShardProblem(-1, index_path(self.dataset).name, f"verifying the dataset failed: {detail}")
