@@ -58,6 +58,9 @@ class PretrainConfig:
     tensorboard: bool = False  # also write each step's record to {output_dir}/tensorboard (the tensorboard extra)
     deterministic: bool = True  # deterministic kernels (gate 006); off lets torch pick faster, unordered ones
     loss_chunk_tokens: int = 4096  # tokens per chunk of the head + cross-entropy (albor.loss); 0 = the whole batch at once
+    compile: bool | None = None  # torch.compile each decoder layer; None: where it pays (a CUDA device), not on CPUs
+    vocab_multiple: int = 64  # embedding and head rows padded to a multiple of this inside the model (1: none); files keep vocab_size
+    prefetch: bool = True  # the next batch read (into pinned memory on a GPU) while the current step runs
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -108,6 +111,8 @@ def _problems(c: PretrainConfig) -> list[str]:
         non_negative(name)
     if c.steps_per_epoch <= 0:
         p.append(f"steps_per_epoch must be >= 1 (got {c.steps_per_epoch})")
+    if isinstance(c.vocab_multiple, bool) or not isinstance(c.vocab_multiple, int) or c.vocab_multiple < 1:
+        p.append(f"vocab_multiple must be an integer >= 1, 1 for no padding (got {c.vocab_multiple!r})")
     if c.loss_chunk_tokens < 0:
         p.append(f"loss_chunk_tokens must be an integer >= 0, 0 for no chunking (got {c.loss_chunk_tokens!r})")
     if c.warmup_steps > c.total_steps:

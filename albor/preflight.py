@@ -19,6 +19,7 @@ from albor.distributed.process_group import device_type, launched_world_size
 from albor.errors import ConfigError
 from albor.faults import FaultPlan, fault_plan_from_env
 from albor.model import model_preset
+from albor.model_compile import resolve_compile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +35,13 @@ def preflight(config: PretrainConfig) -> Preflight:
     """Everything checkable before the process group.
 
     Raises UnsupportedEnvironmentError (exit 6) when the installed torch or
-    DeepSpeed lacks a name albor relies on, ConfigError (exit 2) for the rest.
+    DeepSpeed lacks a name albor relies on, or ``compile: true`` where torch.compile
+    cannot run, ConfigError (exit 2) for the rest.
     """
     check_environment()
     world_size, device = launched_world_size(), device_type()
+    if config.compile:  # forced on: refused here, before any process group or model (auto never refuses)
+        resolve_compile(True, device)
     faults = fault_plan_from_env(world_size=world_size)
     ds_path = config.ds_config or default_ds_config_path(device, world_size)
     ds = resolve_ds_config(

@@ -67,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss-chunk-tokens", type=int, metavar="N",
         help="tokens per chunk of the output head + cross-entropy; 0 computes the whole batch's logits at once (default 4096)",
     )
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,  # None: the config file decides
+        help="torch.compile each decoder layer (default: on a GPU, off on a CPU, where compiling costs more than it saves)",
+    )
+    p.add_argument(
+        "--vocab-multiple", type=int, metavar="N",
+        help="pad the model's embedding and head rows to a multiple of N for faster matmuls; the padded rows are "
+        "never predicted and never written to a file (default 64; 1: no padding)",
+    )
+    p.add_argument(
+        "--prefetch", action=argparse.BooleanOptionalAction, default=None,  # None: the config file decides
+        help="read the next batch (into pinned memory on a GPU) while the current step runs (default on)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate everything but the dataset's shards, print the resolved config, exit 0")
     # deepspeed's launcher appends --local_rank=N; the rank really comes from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -76,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_FIELDS = (
     "dataset", "tokenizer", "output_dir", "model", "ds_config", "total_steps", "steps_per_epoch",
     "batch_size", "seq_length", "seed", "lr_max", "lr_min", "warmup_steps", "resume", "init_from", "preempt_grace_s",
-    "tensorboard", "deterministic", "loss_chunk_tokens",
+    "tensorboard", "deterministic", "loss_chunk_tokens", "compile", "vocab_multiple", "prefetch",
 )
 
 _invoked_argv: list[str] | None = None

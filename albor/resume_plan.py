@@ -39,14 +39,17 @@ _TAG = re.compile(r"epoch-(?P<epoch>\d{3,})|step-(?P<step>\d{7,})")
 #: The keys of metadata["run"]: what a resumed run must share with the checkpoint.
 RUN_KEYS = (
     "model", "seq_length", "lr_max", "lr_min", "warmup_steps", "total_steps", "steps_per_epoch",
-    "global_batch", "seed", "dataset_fingerprint",
+    "global_batch", "seed", "dataset_fingerprint", "vocab_multiple",
 )
+#: Run fields newer than some checkpoints, and the value a checkpoint without one had: albor padded
+#: no vocabulary before vocab_multiple existed (DeepSpeed's state holds the padded shapes).
+_RUN_DEFAULTS: dict[str, Any] = {"vocab_multiple": 1}
 _REQUIRED_KEYS = ("kind", "tag", "step", "epoch", "world_size", "run", "resume")
 #: The flag that sets each run field (global_batch and the dataset get their own advice).
 _FLAG = {
     "model": "--model", "seq_length": "--seq-length", "lr_max": "--lr-max", "lr_min": "--lr-min",
     "warmup_steps": "--warmup-steps", "total_steps": "--total-steps", "steps_per_epoch": "--steps-per-epoch",
-    "seed": "--seed",
+    "seed": "--seed", "vocab_multiple": "--vocab-multiple",
 }
 
 
@@ -142,7 +145,9 @@ def _metadata_problem(meta: Any, tag: str) -> str | None:
         return f"has epoch {meta['epoch']}, not the {int(match['epoch'])} its tag says"
     if kind == "preemption" and meta["step"] != int(match["step"]):
         return f"has step {meta['step']}, not the {int(match['step'])} its tag says"
-    if not isinstance(meta["run"], dict) or (lacking := [k for k in RUN_KEYS if k not in meta["run"]]):
+    if not isinstance(meta["run"], dict) or (
+        lacking := [k for k in RUN_KEYS if k not in meta["run"] and k not in _RUN_DEFAULTS]
+    ):
         return "has no run record" if not isinstance(meta["run"], dict) else f"has a run record without {', '.join(lacking)}"
     resume = meta["resume"]
     if not isinstance(resume, dict) or resume.get("next_step") != meta["step"]:
@@ -390,7 +395,7 @@ def check_compatible(
     differ (the state is resharded) as long as the global batch is the same.
     ConfigError (exit 2) for flags; DataError (exit 3) when only the dataset differs.
     """
-    saved = ckpt.run
+    saved = {**_RUN_DEFAULTS, **ckpt.run}
     problems: list[str] = []
     for key in RUN_KEYS:
         if key in ("global_batch", "dataset_fingerprint") or run[key] == saved[key]:

@@ -30,6 +30,7 @@ from albor.errors import AlborError, DataError
 from albor.faults import FaultPlan
 from albor.loop import PretrainLoop
 from albor.model import AlborLlama, ModelConfig, flops_per_token, model_preset
+from albor.model_compile import compile_layers, resolve_compile
 from albor.resume_plan import run_fields
 from albor.run_files import RunFiles
 from albor.stop_signal import StopSignals
@@ -93,13 +94,16 @@ def open_data(config: PretrainConfig, env: DistEnv) -> OpenedData:
                                      lock_timeout_s=STARTUP_TIMEOUT_S)
         model_cfg = model_preset(config.model, vocab_size=index_vocab_size(index_path))
         dataset = TokenDataset.open(index_path, vocab_size=model_cfg.vocab_size)
+        # prefetch: the next batch read while a step runs, pinned for a GPU's non-blocking copy.
+        pin = config.prefetch and env.device.type == "cuda"
         train_loader = TrainLoader(
             dataset.split("train"), micro_batch=config.batch_size, seq_length=config.seq_length,
-            rank=env.rank, world_size=env.world_size, seed=config.seed,
+            rank=env.rank, world_size=env.world_size, seed=config.seed, prefetch=config.prefetch, pin_memory=pin,
         )
         val_loader = ValidationLoader(
             dataset.split("val"), micro_batch=config.batch_size, seq_length=config.seq_length,
             rank=env.rank, world_size=env.world_size, max_batches=config.val_batches,
+            prefetch=config.prefetch, pin_memory=pin,
         )
     except AlborError as e:
         error = e
@@ -143,6 +147,7 @@ class RunParts:
     gpu: GpuUtilization
     device_name: str | None  # None on a CPU
     peak_flops: float | None  # of one device; None where unknown (CPUs)
+    compiled: bool = False  # the decoder layers run torch.compile'd (config.compile, resolved; albor.model_compile)
 
     def loop(
         self, config: PretrainConfig, env: DistEnv, files: RunFiles, *,
@@ -163,13 +168,17 @@ class RunParts:
                 "dataset_fingerprint": self.data.dataset.fingerprint,
                 "deterministic": config.deterministic,
                 "loss_chunk_tokens": config.loss_chunk_tokens,
+                "compile": self.compiled, "prefetch": config.prefetch,  # the speed levers, as resolved
+                "vocab_multiple": config.vocab_multiple,  # the model's padded rows; the .apr holds vocab_size rows
                 "vocab_size": model_cfg.vocab_size, "regime": config.regime.value,  # albor report: gate 005's epoch-0 cap
                 "run": run_fields(
                     config, global_batch=config.batch_size * self.engine.gradient_accumulation_steps() * env.world_size,
                     dataset_fingerprint=self.data.dataset.fingerprint,
                 ),
             },
-            status_extra={**(status_extra or {}), "deterministic": config.deterministic},
+            status_extra={**(status_extra or {}), "deterministic": config.deterministic,
+                          "compile": self.compiled, "prefetch": config.prefetch,
+                          "vocab_multiple": config.vocab_multiple},
             **({"preemption_guard": preemption_guard} if preemption_guard is not None else {}),
             flops_per_token=flops_per_token(model_cfg, config.seq_length),
             peak_flops=self.peak_flops * env.world_size if self.peak_flops else None,
@@ -199,7 +208,11 @@ def build_run(
     determinism = apply_determinism(config.deterministic, env.device.type)
     log.info("albor: determinism %s", determinism)
     torch.manual_seed(config.seed)  # identical init on every rank and in every rerun (gate 006)
-    model = AlborLlama(data.model_cfg)
+    model = AlborLlama(data.model_cfg, vocab_multiple=config.vocab_multiple)
+    compiled = resolve_compile(config.compile, env.device.type)  # forced on where it cannot run: refused (exit 6) in preflight already
+    if compiled:  # lazily, on the first forward; before the engine so DeepSpeed wraps the same modules
+        log.info("albor: torch.compile of %d decoder layers (on the first step)",
+                 compile_layers(model, deterministic=config.deterministic))
     engine = build_engine(model, ds_config, env, lr=config.lr_max, weight_decay=config.weight_decay)
     if init_weights is not None:  # after the build: under bf16 the fp32 masters must come from the file, not the module
         load_fp32_masters(engine, env, init_weights)
@@ -218,4 +231,5 @@ def build_run(
         gpu=gpu,
         device_name=device_name,
         peak_flops=peak_flops(device_name),
+        compiled=compiled,
     )

@@ -11,8 +11,17 @@ with the same data (two ``TrainLoader`` cursors with the same seed):
          same ``on_step`` console hook as ``albor pretrain``. Validation and
          checkpoints are per-epoch costs, not per-step ones, so they are not
          timed (no epoch ever ends inside a timed block).
-  bare   ``x, y = loader.next_batch(); loss = CE(engine(x), y);
-         engine.backward(loss); engine.step()`` and nothing else.
+  bare   ``x, y = loader.next_batch(); loss = batch_loss(engine, x, y);
+         engine.backward(loss); engine.step()`` and nothing else: the same
+         loss as albor's step (the chunked head + cross-entropy when
+         ``--loss-chunk-tokens`` is below a batch's tokens), no prefetch.
+
+Every speed lever is on as ``albor pretrain`` sets it by default, and the
+header line says how each resolved: ``--compile auto`` (compiled layers on a
+GPU, eager on a CPU; ``on`` forces it here too, for the engine both loops
+share), the batches prefetched (``--no-prefetch``: off), the chunked loss
+(``--loss-chunk-tokens``, 512 by default so that the 1024-token batches are
+chunked), the padded vocabulary (``--vocab-multiple``).
 
 Sharing the engine means both loops train the same weights with the same
 optimizer, buckets and memory: the loop around the engine is the only
@@ -93,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps of each loop before the blocks")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the overhead breakdown")
     ap.add_argument("--breakdown-iters", type=int, default=500)
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="compile the decoder layers: auto = as albor pretrain (on a GPU only)")
+    ap.add_argument("--no-prefetch", dest="prefetch", action="store_false", help="albor's loader without prefetch")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=512, help="the chunked loss (0: whole-batch logits)")
+    ap.add_argument("--vocab-multiple", type=int, default=64, help="the model's padded vocabulary rows (1: none)")
     ap.add_argument("--verbose", action="store_true", help="keep DeepSpeed launcher output")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed's launcher
     return ap.parse_args(argv)
@@ -151,14 +165,13 @@ def worker(args: argparse.Namespace) -> int:
 
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     from albor.config import PretrainConfig
     from albor.console import format_step, setup_logging
     from albor.data.loader import TrainLoader
     from albor.distributed.ds_config import DS_CONFIG_DIR, load_ds_config, resolve_ds_config
     from albor.distributed.process_group import DistEnv, init_distributed, shutdown
-    from albor.distributed.step import SLOTS, DeepSpeedStep
+    from albor.distributed.step import SLOTS, DeepSpeedStep, batch_loss
     from albor.loop import StepResult
     from albor.run_files import RunFiles
     from albor.run_setup import build_run, open_data
@@ -181,6 +194,8 @@ def worker(args: argparse.Namespace) -> int:
     ds_path = DS_CONFIG_DIR / "zero2-cpu-fp32.json"
     say(f"bench_overhead: world {env.world_size} on {env.device} | {threads} torch thread(s)/rank | "
         f"model tiny | {ds_path.name} | dataset {args.dataset}")
+    levers = dict(compile={"auto": None, "on": True, "off": False}[args.compile], prefetch=args.prefetch,
+                  loss_chunk_tokens=args.loss_chunk_tokens, vocab_multiple=args.vocab_multiple)
 
     def max_over_ranks(x: float) -> float:
         t = torch.tensor([x], dtype=torch.float64)
@@ -202,6 +217,7 @@ def worker(args: argparse.Namespace) -> int:
         config = PretrainConfig(
             dataset=args.dataset, output_dir=out_dir, model="tiny", batch_size=micro, seq_length=seq,
             total_steps=total_steps, steps_per_epoch=total_steps, warmup_steps=10, lr_max=3e-4, lr_min=3e-5,
+            **levers,
         )
         ds = resolve_ds_config(
             load_ds_config(ds_path), config, world_size=env.world_size, device_type=env.device.type,
@@ -213,6 +229,11 @@ def worker(args: argparse.Namespace) -> int:
         data = open_data(config, env)
         parts = build_run(config, env, ds, data)
         engine, gpu = parts.engine, parts.gpu
+        chunk = config.loss_chunk_tokens
+        say(f"levers: compile {args.compile} -> {'on' if parts.compiled else 'off'} | prefetch "
+            f"{'on' if config.prefetch else 'off'} (albor's loop; the bare loop reads its batches itself) | "
+            f"loss_chunk_tokens {chunk} ({'chunked' if 0 < chunk < micro * seq else 'one piece'} at {micro * seq} "
+            f"tokens, both loops) | vocab_multiple {config.vocab_multiple}")
         files = RunFiles(out_dir, enabled=main)
         log_every = max(1, min(50, config.steps_per_epoch // 4))
 
@@ -237,9 +258,7 @@ def worker(args: argparse.Namespace) -> int:
             for _ in range(n):
                 for _ in range(accum):
                     x, y = bare_loader.next_batch()
-                    logits = engine(x)
-                    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-                    engine.backward(loss)
+                    engine.backward(batch_loss(engine, x, y, chunk))
                     engine.step()
 
         # Warm-up, then size the blocks from the warm-up speed (the same n on every rank).
@@ -301,7 +320,7 @@ def worker(args: argparse.Namespace) -> int:
                 def __init__(self) -> None:
                     self.logits = torch.zeros(1, 1, 8)
 
-                def __call__(self, x):
+                def __call__(self, x, **kwargs):
                     return self.logits
 
                 def backward(self, loss):
@@ -345,9 +364,7 @@ def worker(args: argparse.Namespace) -> int:
                 for _ in range(k):
                     for _ in range(accum):
                         x, y = stub_loader.next_batch()
-                        logits = stub(x)
-                        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-                        stub.backward(loss)
+                        stub.backward(batch_loss(stub, x, y, 0))  # the stub step's loss (one piece)
                         stub.step()
 
             buf = torch.zeros(env.world_size * SLOTS, dtype=torch.float64, device=env.device)
@@ -425,7 +442,7 @@ def worker(args: argparse.Namespace) -> int:
         if main:
             lines = (out_dir / "metrics.jsonl").read_text().count("\n")
             say(f"  metrics.jsonl: {lines} lines written by the albor loop ({out_dir})")
-        del loop, parts, engine
+        loop = parts = engine = None  # freed before the next size (closures above still name them)
         gc.collect()
         dist.barrier()
 

@@ -177,6 +177,9 @@ def test_meta_build_then_materialise() -> None:
         model = AlborLlama(tiny())
     model.to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(0))
+    # to_empty() unties the head (each module gets its own fresh tensor; the head's is garbage):
+    # init_weights ties it again, or the logits would come from uninitialised memory, now and then.
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.isfinite(model(torch.randint(0, VOCAB, (1, 8)))).all()
     ref = AlborLlama(tiny())
     torch.testing.assert_close(model.model.rotary_emb.cos, ref.model.rotary_emb.cos, rtol=0, atol=0)

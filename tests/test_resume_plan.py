@@ -30,7 +30,7 @@ from albor.resume_plan import (
 
 RUN = {
     "model": "tiny", "seq_length": 64, "lr_max": 0.0003, "lr_min": 1e-06, "warmup_steps": 5, "total_steps": 100,
-    "steps_per_epoch": 10, "global_batch": 32, "seed": 42, "dataset_fingerprint": "f" * 64,
+    "steps_per_epoch": 10, "global_batch": 32, "seed": 42, "dataset_fingerprint": "f" * 64, "vocab_multiple": 64,
 }
 
 

@@ -17,11 +17,20 @@ last whole window are not used.
 Rank/world are plain integers: this module never talks to other processes.
 Every rank computes the same permutation from (seed, data_epoch) and takes
 its own contiguous slice of each global batch.
+
+``prefetch``: each loader reads its next batch on a background thread while
+the caller computes on the current one (torch's kernels release the GIL),
+into pinned memory with ``pin_memory`` so the step's
+``.to(device, non_blocking=True)`` does not wait for the host. The batches and
+their order are the same either way, and a train loader's cursor counts the
+batches handed out, never the one read ahead: a checkpoint taken with a batch
+read ahead resumes at that batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,10 +186,37 @@ def epoch_permutation(num_windows: int, seed: int, data_epoch: int) -> np.ndarra
     return rng.permutation(num_windows)
 
 
-class TrainLoader:
-    """Shuffled, rank-sharded training batches with a resumable cursor (gate EXHAUST)."""
+Batch = tuple[torch.Tensor, torch.Tensor]
 
-    def __init__(self, split: Split, *, micro_batch: int, seq_length: int, rank: int, world_size: int, seed: int):
+
+class _Reader:
+    """Reads batches, on one background thread when prefetching, into pinned memory when asked."""
+
+    def __init__(self, *, prefetch: bool, pin_memory: bool) -> None:
+        self.prefetch, self.pin_memory = prefetch, pin_memory
+        self._pool: ThreadPoolExecutor | None = None
+
+    def read(self, read: Callable[[], Batch]) -> Batch:
+        """``read()`` now, on the calling thread."""
+        x, y = read()
+        return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+
+    def ahead(self, read: Callable[[], Batch]) -> Future[Batch]:
+        """``read()`` on the background thread; an error it raises is raised by the future's ``result()``."""
+        if self._pool is None:  # one thread per loader, started on first use
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="albor-prefetch")
+        return self._pool.submit(self.read, read)
+
+
+class TrainLoader:
+    """Shuffled, rank-sharded training batches with a resumable cursor (gate EXHAUST).
+
+    ``prefetch``: after handing out a batch, read the next one in the background
+    (module docstring); ``pin_memory``: batches in pinned host memory (for a GPU).
+    """
+
+    def __init__(self, split: Split, *, micro_batch: int, seq_length: int, rank: int, world_size: int, seed: int,
+                 prefetch: bool = False, pin_memory: bool = False):
         _check_layout(micro_batch, seq_length, rank, world_size)
         self.split = split
         self.micro_batch, self.seq_length = micro_batch, seq_length
@@ -197,24 +233,41 @@ class TrainLoader:
             )
         self.seed = seed
         self.data_epoch = 0
-        self.position = 0  # global batches already taken from this data epoch
+        self.position = 0  # global batches handed out from this data epoch (not counting one read ahead)
         self._perm = epoch_permutation(self.num_windows, seed, 0)
+        self._reader = _Reader(prefetch=prefetch, pin_memory=pin_memory)
+        # The batch being read ahead: ((data_epoch, position) it is for, that epoch's order, its future).
+        self._ahead: tuple[tuple[int, int], np.ndarray, Future[Batch]] | None = None
 
     @property
     def tokens_per_global_batch(self) -> int:
         return self.global_windows * self.seq_length
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _following(self, data_epoch: int, position: int) -> tuple[int, int]:
+        """(data_epoch, position) of the batch after ``position`` batches of ``data_epoch`` were handed out."""
+        # Fewer windows left than a global batch: a new epoch with a new order, never a padded or repeated batch.
+        return (data_epoch + 1, 0) if position >= self.batches_per_epoch else (data_epoch, position)
+
+    def _read_fn(self, perm: np.ndarray, position: int) -> Callable[[], Batch]:
+        g = perm[position * self.global_windows : (position + 1) * self.global_windows]
+        return lambda: self.split.batch(rank_slice(g, self.micro_batch, self.rank), self.seq_length)
+
+    def _perm_for(self, data_epoch: int) -> np.ndarray:
+        return self._perm if data_epoch == self.data_epoch else epoch_permutation(self.num_windows, self.seed, data_epoch)
+
+    def next_batch(self) -> Batch:
         """(inputs, targets), each a LongTensor (micro_batch, seq_length)."""
-        if self.position >= self.batches_per_epoch:
-            # Fewer windows left than a global batch: a new epoch with a new
-            # order, never a padded or repeated batch.
-            self.data_epoch += 1
-            self.position = 0
-            self._perm = epoch_permutation(self.num_windows, self.seed, self.data_epoch)
-        g = self._perm[self.position * self.global_windows : (self.position + 1) * self.global_windows]
-        self.position += 1
-        return self.split.batch(rank_slice(g, self.micro_batch, self.rank), self.seq_length)
+        at = self._following(self.data_epoch, self.position)
+        ahead, self._ahead = self._ahead, None
+        hit = ahead is not None and ahead[0] == at  # else nothing was read ahead, or the cursor was loaded since
+        self._perm = ahead[1] if hit else self._perm_for(at[0])
+        self.data_epoch, self.position = at[0], at[1] + 1  # before the read: a batch that fails is still spent
+        batch = ahead[2].result() if hit else self._reader.read(self._read_fn(self._perm, at[1]))
+        if self._reader.prefetch:
+            following = self._following(self.data_epoch, self.position)
+            perm = self._perm_for(following[0])
+            self._ahead = (following, perm, self._reader.ahead(self._read_fn(perm, following[1])))
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -254,13 +307,17 @@ class TrainLoader:
         self.data_epoch = int(state["data_epoch"])
         self.position = int(state["position"])
         self._perm = epoch_permutation(self.num_windows, self.seed, self.data_epoch)
+        self._ahead = None  # read for the old cursor (and maybe the old seed): dropped, never handed out
 
 
 class ValidationLoader:
-    """The same validation batches every time, in window order, each rank a disjoint slice."""
+    """The same validation batches every time, in window order, each rank a disjoint slice.
+
+    ``prefetch`` and ``pin_memory`` as for :class:`TrainLoader`.
+    """
 
     def __init__(self, split: Split, *, micro_batch: int, seq_length: int, rank: int, world_size: int,
-                 max_batches: int | None = None):
+                 max_batches: int | None = None, prefetch: bool = False, pin_memory: bool = False):
         _check_layout(micro_batch, seq_length, rank, world_size)
         if max_batches is not None and max_batches < 1:
             raise ConfigError(f"max_batches {max_batches} must be positive or None")
@@ -276,8 +333,20 @@ class ValidationLoader:
                 "--val-fraction in prepare-data, or use a smaller --batch-size or --seq-length"
             )
         self.num_batches = available if max_batches is None else min(available, max_batches)
+        self._reader = _Reader(prefetch=prefetch, pin_memory=pin_memory)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _read_fn(self, b: int) -> Callable[[], Batch]:
+        g = np.arange(b * self.global_windows, (b + 1) * self.global_windows)
+        return lambda: self.split.batch(rank_slice(g, self.micro_batch, self.rank), self.seq_length)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self._reader.prefetch:
+            for b in range(self.num_batches):
+                yield self._reader.read(self._read_fn(b))
+            return
+        ahead = self._reader.ahead(self._read_fn(0))
         for b in range(self.num_batches):
-            g = np.arange(b * self.global_windows, (b + 1) * self.global_windows)
-            yield self.split.batch(rank_slice(g, self.micro_batch, self.rank), self.seq_length)
+            batch = ahead.result()
+            if b + 1 < self.num_batches:
+                ahead = self._reader.ahead(self._read_fn(b + 1))
+            yield batch

@@ -48,7 +48,7 @@ from albor.distributed.compat import checkpoint_writes_through, zero_master_grou
 from albor.distributed.process_group import DistEnv
 from albor.errors import DataError
 from albor.loop import CheckpointError
-from albor.model import ModelConfig, to_hf_state_dict
+from albor.model import ModelConfig, real_rows, to_hf_state_dict
 from albor.model.config import to_apr_metadata
 from albor.resume_plan import rank_state_path
 
@@ -75,8 +75,10 @@ def fp32_master_state_dict(engine, env: DistEnv) -> dict[str, torch.Tensor] | No
     Collective: every rank must call it. Each param group's partitions are
     gathered to rank 0 and cut per parameter at DeepSpeed's own offsets, so
     the result equals DeepSpeed's ``zero_to_fp32`` consolidation bit for bit,
-    whatever the module's dtype (bf16 on GPU). The names are
-    :func:`albor.model.to_hf_state_dict`'s: the tied ``lm_head.weight`` is left out.
+    whatever the module's dtype (bf16 on GPU), but for a padded vocabulary
+    (``vocab_multiple``): the names and shapes are :func:`albor.model.to_hf_state_dict`'s,
+    so the tied ``lm_head.weight`` is left out and the vocabulary tensors hold
+    the real ``vocab_size`` rows (``zero_to_fp32``'s first rows).
     """
     masters: dict[int, torch.Tensor] = {}  # id(parameter) -> its fp32 master weights
     for group in zero_master_groups(engine.optimizer):
@@ -95,7 +97,7 @@ def fp32_master_state_dict(engine, env: DistEnv) -> dict[str, torch.Tensor] | No
         if name not in params or id(params[name]) not in masters:
             raise RuntimeError(f"{name} has no fp32 master weights in the ZeRO optimizer (a buffer or a frozen "
                                "parameter); the .apr cannot hold it")
-        out[name] = masters[id(params[name])]
+        out[name] = real_rows(module, name, masters[id(params[name])])
     return out
 
 

@@ -10,7 +10,9 @@ building its CPU shared-memory all-reduce. Each use lives here and nowhere else 
 except one override: albor.model.rope's ``_apply`` (checked here all the same).
 :func:`check_environment` runs before any process group and verifies that
 every name albor touches still exists, so a torch or DeepSpeed upgrade that
-moves one fails at once with one line (exit 6), not deep inside a run.
+moves one fails at once with one line (exit 6), not deep inside a run. The
+exception: whether inductor can compile here (:func:`inductor_problem`, for the
+``compile`` lever) answers "it cannot" when a name it needs has moved, instead.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import datetime
 import importlib
 import os
+import shutil
 import types
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -244,6 +247,62 @@ def without_shared_memory_allreduce() -> None:
     """
     # By module path: the attribute deepspeed.comm.torch is torch itself (deepspeed.comm re-exports it).
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+# --- torch.compile (albor.model_compile) -------------------------------------------------
+# Not in the start-up check: a torch that moved one of these names cannot compile, which
+# auto mode answers by staying eager and --compile by refusing (albor.model_compile).
+
+
+def inductor_problem(device_type: str) -> str | None:
+    """Why inductor (torch.compile's default backend) cannot compile for ``device_type`` here; None if it can.
+
+    Checks only what is cheap to check before any model exists: the Python/torch
+    build, and the compiler inductor will call on its first graph (on a CPU the
+    C++ compiler it emits code for, ``torch._inductor.config.cpp.cxx``, set from
+    CXX; on a GPU Triton, which builds each kernel's launcher with a C compiler).
+    """
+    try:
+        from torch._dynamo.eval_frame import check_if_dynamo_supported
+
+        check_if_dynamo_supported()
+    except Exception as e:
+        return f"torch {torch.__version__} cannot compile on this Python ({e})"
+    if device_type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+
+            triton = has_triton()
+        except Exception:
+            triton = False
+        if not triton:
+            return (f"torch {torch.__version__} has no working Triton for this GPU (inductor's GPU code generator); "
+                    "install the triton that matches torch")
+        # Triton's own choice: $CC, else gcc, else clang (triton.runtime.build).
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+        if cc is None or shutil.which(cc) is None:
+            return "Triton needs a C compiler to build its kernel launchers and finds none ($CC, gcc or clang)"
+        return None
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except Exception as e:
+        return f"torch {torch.__version__} has no usable inductor ({type(e).__name__}: {e})"
+    try:
+        get_cpp_compiler()  # runs `CXX --version`
+    except Exception:
+        cxx = inductor_config.cpp.cxx
+        tried = ", ".join([cxx] if isinstance(cxx, str) else [c for c in cxx if c])
+        return (f"inductor compiles the model to C++ on a CPU and finds no working C++ compiler (tried {tried}); "
+                "install g++ or set CXX to one")
+    return None
+
+
+def inductor_deterministic(on: bool) -> None:
+    """Inductor's deterministic mode: no kernel choice by on-device timing, which can change the sums' order."""
+    from torch._inductor import config as inductor_config
+
+    inductor_config.deterministic = on
 
 
 # --- the start-up check ---------------------------------------------------------------

@@ -33,7 +33,7 @@ from albor.distributed.checkpoint import RankState, read_rank_state
 from albor.distributed.compat import convert_to_universal, zero_master_groups
 from albor.distributed.process_group import DistEnv
 from albor.errors import AlborError, DataError
-from albor.model import load_hf_state_dict
+from albor.model import load_hf_state_dict, padded_rows
 from albor.resume_plan import UNIVERSAL_SUFFIX, rank_state_path
 
 log = logging.getLogger("albor")
@@ -133,13 +133,16 @@ def load_fp32_masters(engine, env: DistEnv, weights: Mapping[str, torch.Tensor])
     master partition gets them exactly: under bf16, DeepSpeed builds the
     masters from the module, so weights loaded only before the build would
     start the run rounded to bf16. Names and shapes are checked first
-    (:class:`ConfigError`, exit 2, before anything is copied).
+    (:class:`ConfigError`, exit 2, before anything is copied). The file's
+    vocabulary tensors hold the real rows; a padded model's extra rows get zeros.
     """
     module = engine.module
     with torch.no_grad():
         load_hf_state_dict(module, weights)  # checks, then the module (cast to its dtype)
         params = dict(module.named_parameters(remove_duplicate=False))
-        source = {id(params[name]): tensor for name, tensor in weights.items() if name in params}
+        source = {
+            id(params[name]): padded_rows(module, name, tensor) for name, tensor in weights.items() if name in params
+        }
         for group in zero_master_groups(engine.optimizer):
             size = group.partition.numel()
             first, last = env.rank * size, (env.rank + 1) * size  # this rank's share of the group's flat order

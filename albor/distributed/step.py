@@ -56,7 +56,9 @@ def batch_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens
         return token_loss(engine(inputs), targets)
     hidden = engine(inputs, hidden_only=True)  # through the engine: its forward hooks and dtype casts still apply
     # ZeRO-2 keeps every parameter whole on every rank, so the head weight can be read outside forward.
-    return chunked_token_loss(hidden, engine.module.lm_head.weight, targets, chunk_tokens)
+    # Its padded rows (vocab_multiple) are never predicted: the loss takes the real vocab_size.
+    return chunked_token_loss(hidden, engine.module.lm_head.weight, targets, chunk_tokens,
+                              vocab_size=engine.module.config.vocab_size)
 
 
 def combine_rows(rows: list[list[float]], *, data_epoch: int, shard_names: tuple[str, ...] = ()) -> StepResult:

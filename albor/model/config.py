@@ -136,6 +136,17 @@ def model_preset(name: str, vocab_size: int | None = None) -> ModelConfig:
     return cfg
 
 
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple`` (1: unchanged): the model's embedding and head rows.
+
+    GPT-2's 50257 becomes 50304 at 64: a matmul dimension GPUs tile without a
+    ragged edge. The extra rows exist only inside the model (albor.model.llama).
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ConfigError(f"vocab_multiple={multiple!r} is invalid: it must be an integer >= 1 (1: no padding)")
+    return -(-vocab_size // multiple) * multiple
+
+
 # --- the architecture an .apr model file records ------------------------------------------
 
 APR_ARCHITECTURE = "llama"

@@ -1,4 +1,13 @@
-"""Parameter and FLOP counts from the config alone (no model is built)."""
+"""Parameter and FLOP counts from the config alone (no model is built).
+
+Every count uses the real ``vocab_size``, never a padded one: the rows
+``AlborLlama(vocab_multiple=...)`` adds inside the model are neither parameters
+of the model users get (no file holds them) nor useful work. So the FLOPs per
+token, and with them MFU, are the same whatever ``vocab_multiple``: padding
+shows as a higher MFU only if it makes the step faster. For albor-370m N is
+322.0M (issue 9's "N = 322M"); counting the 47 padded rows of 50304 would add
+48,128 parameters (0.015%).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ def _layer_parameters(cfg: ModelConfig) -> int:
 
 
 def num_parameters(cfg: ModelConfig, count_tied_head: bool) -> int:
-    """Parameters of :class:`AlborLlama` built from `cfg`.
+    """Parameters of :class:`AlborLlama` built from `cfg` (unpadded: ``vocab_multiple`` 1).
 
     With tied embeddings the output head is the embedding matrix; it is counted
     a second time only if `count_tied_head` (the "370M" figure counts it, the

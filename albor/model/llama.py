@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from albor.errors import ConfigError
-from albor.model.config import ModelConfig
+from albor.model.config import ModelConfig, padded_vocab_size
 from albor.model.rope import RotaryEmbedding, apply_rope
 
 INIT_STD = 0.02
@@ -114,19 +114,37 @@ class DecoderStack(nn.Module):
 class AlborLlama(nn.Module):
     """Llama causal LM; ``forward(input_ids (B, T)) -> logits (B, T, V)`` in the param dtype.
 
+    ``vocab_multiple`` > 1 pads the embedding and the head to
+    ``padded_vocab_size`` rows (a multiple of it: 50257 -> 50304 at 64) so the
+    head's matmul has no ragged edge on a GPU. The padded rows are never
+    predicted: ``forward`` returns the real ``config.vocab_size`` columns only,
+    and albor.loss leaves them out of the softmax, so they get no gradient; the
+    data holds no id past ``vocab_size`` (checked on read), so no lookup reaches
+    them either. Every file holds the real rows only (albor.model.hf_names cuts
+    and pads at that boundary). docs/model.md.
+
     Init (from scratch, GPT-2/Megatron style): every linear and embedding
     weight ~ N(0, 0.02); the residual output projections (``o_proj``,
     ``down_proj``) ~ N(0, 0.02 / sqrt(2 * num_layers)) so the residual stream's
-    variance does not grow with depth; norm weights = 1. Construction draws from
-    the global RNG (deterministic under ``torch.manual_seed``); call
+    variance does not grow with depth; norm weights = 1; padded vocabulary rows
+    = 0. Construction draws from the global RNG (deterministic under
+    ``torch.manual_seed``, and the same draws whatever ``vocab_multiple``); call
     :meth:`init_weights` with a ``torch.Generator`` to seed it explicitly.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, vocab_multiple: int = 1) -> None:
         super().__init__()
         self.config = cfg
+        self.vocab_multiple = vocab_multiple
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, vocab_multiple)
         self.model = DecoderStack(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.padded_vocab_size > cfg.vocab_size:
+            # Grown after a build at the real size: construction then draws the same random numbers
+            # whatever the padding, and init_weights (which redraws every weight) continues from the
+            # same RNG state, so a padded model's real weights equal an unpadded one's.
+            _grow_rows(self.model.embed_tokens, "num_embeddings", self.padded_vocab_size)
+            _grow_rows(self.lm_head, "out_features", self.padded_vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()
@@ -135,6 +153,10 @@ class AlborLlama(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """(Re)initialise every weight as the class docstring says, and the RoPE tables."""
         cfg = self.config
+        if cfg.tie_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
+            # ``to_empty()`` after a meta-device build gives each module its own fresh tensor, untying
+            # the head from the embedding: tie them again, or the head would keep uninitialised memory.
+            self.lm_head.weight = self.model.embed_tokens.weight
         residual_std = INIT_STD / math.sqrt(2 * cfg.num_layers)
 
         def normal(w: torch.Tensor, std: float) -> None:
@@ -142,9 +164,17 @@ class AlborLlama(nn.Module):
                 return
             nn.init.normal_(w, mean=0.0, std=std, generator=generator)
 
-        normal(self.model.embed_tokens.weight, INIT_STD)
+        def vocab_rows(w: torch.Tensor) -> None:
+            # The real rows draw exactly what an unpadded model draws (a contiguous view of the same
+            # numel), so padding changes no real weight and no later draw. The padded rows are 0:
+            # finite, and with no gradient AdamW's decay and update leave them 0 for good.
+            normal(w[: cfg.vocab_size], INIT_STD)
+            if not w.is_meta:
+                w[cfg.vocab_size:].zero_()
+
+        vocab_rows(self.model.embed_tokens.weight)
         if not cfg.tie_embeddings:
-            normal(self.lm_head.weight, INIT_STD)
+            vocab_rows(self.lm_head.weight)
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
@@ -157,7 +187,7 @@ class AlborLlama(nn.Module):
         self.model.rotary_emb.reset_tables()
 
     def forward(self, input_ids: torch.Tensor, *, hidden_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, V) for `input_ids` (B, T), positions 0..T-1.
+        """Logits (B, T, V) for `input_ids` (B, T), positions 0..T-1; V is the real vocab_size, padded or not.
 
         ``hidden_only``: the final-norm hidden states (B, T, C) instead, for a loss
         that applies ``lm_head`` itself, a chunk at a time (albor.loss).
@@ -169,4 +199,16 @@ class AlborLlama(nn.Module):
                 f"{self.config.max_position_embeddings}; shorten seq_len or raise the limit"
             )
         h = self.model(input_ids)  # (B, T, C)
-        return h if hidden_only else self.lm_head(h)  # (B, T, V)
+        if hidden_only:
+            return h
+        logits = self.lm_head(h)  # (B, T, Vp): the matmul over the padded rows, the shape GPUs like
+        # A view, not a copy: the loss's float32 upcast copies the real columns only, and the view's
+        # backward hands lm_head a gradient that is 0 in the padded columns.
+        return logits if self.padded_vocab_size == self.config.vocab_size else logits[..., : self.config.vocab_size]
+
+
+def _grow_rows(module: nn.Module, size_attr: str, rows: int) -> None:
+    """Give ``module`` (an embedding or a linear) a weight of ``rows`` rows: its own, then zeros."""
+    w = module.weight.detach()
+    module.weight = nn.Parameter(torch.cat((w, w.new_zeros((rows - w.size(0), *w.shape[1:])))))
+    setattr(module, size_attr, rows)
