@@ -513,18 +513,26 @@ def write_stack_sample(path: Path) -> list[dict]:
     return rows
 
 
-def test_readme_worked_example(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def stack_sample_and_tokenizer(tmp_path: Path) -> list[dict]:
+    """README's stack-sample.parquet and a small BPE trained on its contents (tmp_path/tok); returns its rows."""
     from tokenizers import ByteLevelBPETokenizer
 
-    from albor.data.prepare import main
-    from albor.data.shards import HEADER_SIZE, read_header
-    from albor.data.tokenizer import EOS_TOKEN, load_tokenizer
+    from albor.data.tokenizer import EOS_TOKEN
 
     rows = write_stack_sample(tmp_path / "stack-sample.parquet")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([r["content"] for r in rows], vocab_size=300, special_tokens=[EOS_TOKEN], show_progress=False)
     (tmp_path / "tok").mkdir()
     bpe.save_model(str(tmp_path / "tok"))
+    return rows
+
+
+def test_readme_worked_example(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from albor.data.prepare import main
+    from albor.data.shards import HEADER_SIZE, read_header
+    from albor.data.tokenizer import load_tokenizer
+
+    rows = stack_sample_and_tokenizer(tmp_path)
     out = tmp_path / "data"
     assert main([str(tmp_path / "stack-sample.parquet"), "--tokenizer", str(tmp_path / "tok"), "--output", str(out),
                  "--text-field", "content", "--languages", "Python"]) == 0, capsys.readouterr().err
@@ -546,16 +554,9 @@ def test_readme_worked_example(tmp_path: Path, capsys: pytest.CaptureFixture) ->
 
 def test_filters_that_drop_every_record_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A filter value in the wrong case drops everything: the error says so, not "the corpus is empty"."""
-    from tokenizers import ByteLevelBPETokenizer
-
     from albor.data.prepare import main
-    from albor.data.tokenizer import EOS_TOKEN
 
-    rows = write_stack_sample(tmp_path / "stack-sample.parquet")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([r["content"] for r in rows], vocab_size=300, special_tokens=[EOS_TOKEN], show_progress=False)
-    (tmp_path / "tok").mkdir()
-    bpe.save_model(str(tmp_path / "tok"))
+    rows = stack_sample_and_tokenizer(tmp_path)
     code = main([str(tmp_path / "stack-sample.parquet"), "--tokenizer", str(tmp_path / "tok"),
                  "--output", str(tmp_path / "data"), "--text-field", "content", "--languages", "python"])
     err = capsys.readouterr().err

@@ -40,7 +40,7 @@ from albor.model import (
 from albor.pretrain import main as pretrain_main
 from albor.resume_plan import check_compatible, scan_checkpoints
 from tests.conftest import DEV_RUN_ARGS
-from tests.dev_engine import LAUNCHER_ENV
+from tests.dev_engine import dev_mode_group
 from tests.test_resume_plan import RUN, checkpoint
 
 VOCAB = 97  # prime: padded to 128 at 64, to 100 at 50
@@ -266,52 +266,35 @@ def test_the_export_holds_the_real_rows_and_loads_into_a_padded_model(padded_run
 
 def test_init_from_pads_the_file_back_into_the_engines_masters(padded_run, tmp_path):
     """load_fp32_masters (--init-from) into a ZeRO-2 engine padded to 64: the masters are the file's, then zeros."""
-    import torch.distributed as dist
-
     from albor.distributed.checkpoint import fp32_master_state_dict
     from albor.distributed.compat import zero_master_groups
-    from albor.distributed.ds_config import DS_CONFIG_DIR, load_ds_config, resolve_ds_config
     from albor.distributed.engine import build_engine
-    from albor.distributed.process_group import init_distributed, shutdown
     from albor.distributed.resume import load_fp32_masters
 
     apr = padded_run.run_dir / "ckpt" / "epoch-001.apr"
     cfg = model_preset("tiny", vocab_size=4096)
     weights = read_model_file(apr, cfg, model_name="tiny")
-    (tmp_path / "index.json").write_text("{}")
-    config = PretrainConfig(dataset=tmp_path, model="tiny", batch_size=2, seq_length=8)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in LAUNCHER_ENV:
-            mp.delenv(name, raising=False)
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.setenv("DS_ACCELERATOR", "cpu")
-        assert not dist.is_initialized()
-        env = init_distributed()
-        try:
-            ds = resolve_ds_config(load_ds_config(DS_CONFIG_DIR / "zero2-cpu-fp32.json"), config, world_size=1,
-                                   device_type="cpu", bf16_supported=False, source="zero2-cpu-fp32.json")
-            torch.manual_seed(0)
-            engine = build_engine(AlborLlama(cfg, vocab_multiple=3000), ds, env, lr=1e-2, weight_decay=0.5)
-            assert engine.module.lm_head.weight.shape == (6000, 128)
-            with torch.no_grad():
-                for group in zero_master_groups(engine.optimizer):
-                    group.partition.fill_(float("nan"))  # every master element must come from the load
-            load_fp32_masters(engine, env, weights)
-            masters = fp32_master_state_dict(engine, env)
-            assert masters.keys() == weights.keys()
-            for name, want in weights.items():
-                assert torch.equal(masters[name], want), name
-            head = engine.module.lm_head.weight
-            assert torch.equal(head[4096:], torch.zeros(1904, 128))
-            tokens = torch.randint(0, 4096, (2, 2, 9), generator=torch.Generator().manual_seed(1))
-            for batch in tokens:  # AdamW with a large decay: the padded masters stay zero, the real ones move
-                engine.backward(batch_loss(engine, batch[:, :-1], batch[:, 1:], 5))
-                engine.step()
-            assert all(torch.isfinite(g.partition).all() for g in zero_master_groups(engine.optimizer))
-            assert torch.equal(engine.module.lm_head.weight[4096:], torch.zeros(1904, 128))
-            assert not torch.equal(fp32_master_state_dict(engine, env)[EMBED], weights[EMBED])
-        finally:
-            shutdown()
+    with dev_mode_group(tmp_path) as (env, ds):
+        torch.manual_seed(0)
+        engine = build_engine(AlborLlama(cfg, vocab_multiple=3000), ds, env, lr=1e-2, weight_decay=0.5)
+        assert engine.module.lm_head.weight.shape == (6000, 128)
+        with torch.no_grad():
+            for group in zero_master_groups(engine.optimizer):
+                group.partition.fill_(float("nan"))  # every master element must come from the load
+        load_fp32_masters(engine, env, weights)
+        masters = fp32_master_state_dict(engine, env)
+        assert masters.keys() == weights.keys()
+        for name, want in weights.items():
+            assert torch.equal(masters[name], want), name
+        head = engine.module.lm_head.weight
+        assert torch.equal(head[4096:], torch.zeros(1904, 128))
+        tokens = torch.randint(0, 4096, (2, 2, 9), generator=torch.Generator().manual_seed(1))
+        for batch in tokens:  # AdamW with a large decay: the padded masters stay zero, the real ones move
+            engine.backward(batch_loss(engine, batch[:, :-1], batch[:, 1:], 5))
+            engine.step()
+        assert all(torch.isfinite(g.partition).all() for g in zero_master_groups(engine.optimizer))
+        assert torch.equal(engine.module.lm_head.weight[4096:], torch.zeros(1904, 128))
+        assert not torch.equal(fp32_master_state_dict(engine, env)[EMBED], weights[EMBED])
 
 
 def test_a_resume_with_another_multiple_is_refused(padded_run, builtin_dataset, dev_run_config, albor_launch, tmp_path):

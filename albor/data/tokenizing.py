@@ -200,27 +200,10 @@ def tokenize_corpus(
         shutil.rmtree(spill_dir, ignore_errors=True)
 
 
-def prepare_corpus(
-    files: list[Path],
-    tokenizer: Tokenizer,
-    output: Path,
-    *,
-    source: str,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    extra: dict[str, Any] | None = None,
-    workers: int | None = None,
-    options: ReadOptions | None = None,
-) -> Path:
-    """Tokenize corpus ``files`` (see :func:`albor.data.corpus.find_corpus_files`) into ``output``.
-
-    Returns the path of index.json; ``source`` names the corpus in errors.
-    ``workers`` defaults to every core this process may use.
-    """
-    return tokenize_corpus(
-        files, tokenizer, output, source=source, val_fraction=val_fraction, shard_tokens=shard_tokens,
-        extra={**corpus_extra(files, tokenizer), **(extra or {})}, workers=workers, options=options,
-    )
+def prepare_corpus(files: list[Path], tokenizer: Tokenizer, output: Path, *, extra: dict[str, Any] | None = None,
+                   **kwargs: Any) -> Path:
+    """:func:`tokenize_corpus` of a user's corpus: index.json also records its files, bytes and tokenizer path."""
+    return tokenize_corpus(files, tokenizer, output, extra={**corpus_extra(files, tokenizer), **(extra or {})}, **kwargs)
 
 
 def check_documents(files: list[Path], val_fraction: float, *, source: str, options: ReadOptions | None = None) -> None:
