@@ -1,8 +1,8 @@
 """Turn a ``--dataset`` argument into the path of an ``index.json``.
 
 Accepted: an ``index.json`` (any ``.json`` file is taken as an index); a
-directory holding one; or a raw corpus (a .txt/.py/.jsonl file or a directory
-of them), which is tokenized once into ``{run_dir}/data-cache/`` and reused
+directory holding one; or a raw corpus (files or directories in the formats albor.data.corpus
+reads), which is tokenized once into ``{run_dir}/data-cache/`` and reused
 while the corpus and tokenizer are unchanged.
 
 Every rank may call this. An exclusive lock on ``{run_dir}/.data-cache.lock``
@@ -198,7 +198,7 @@ def resolve_dataset(
     if not dataset.exists():
         raise ConfigError(
             f"--dataset {dataset} does not exist; pass an index.json, a directory made by `albor prepare-data`, "
-            "or a corpus of .txt/.py/.jsonl files"
+            "or a corpus (README, \"Preparing a corpus\": .txt/.py, JSON Lines, parquet, save_to_disk)"
         )
     if dataset.is_dir() and run_dir.resolve().is_relative_to(dataset.resolve()):
         raise ConfigError(
