@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from albor.rank_failure import OOM_ADVICE
@@ -101,6 +103,14 @@ def kill_the_job_once_it_steps(run_dir: Path):
     return {"status": status, "pids": pids}
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie has died: only its reaping is left)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_albor_status_finalises_a_job_killed_outright(albor_launch, builtin_dataset, config, work, capsys):
     run_dir = work / "killed-outright"
     run = albor_launch("deepspeed", ["--dataset", str(builtin_dataset), "--config", str(config), *ARGS], run_dir,
@@ -109,6 +119,12 @@ def test_albor_status_finalises_a_job_killed_outright(albor_launch, builtin_data
     assert run.observed["status"]["status"] == "running"
     assert run.status()["status"] == "running", run.tail()  # the problem: nobody said the job was over
     assert run.exit_records() == {}, run.tail()
+    # The launcher's output closes while a SIGKILLed rank is still exiting (its files are closed before it
+    # becomes a zombie): a process that still exists is alive to `albor status`, rightly. Ask once they are gone.
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in run.observed["pids"]):
+        assert time.monotonic() < deadline, "a SIGKILLed rank still runs after 30 s"
+        time.sleep(0.05)
 
     code = status_main([str(run_dir)])
     out = capsys.readouterr().out
